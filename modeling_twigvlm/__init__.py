@@ -1,6 +1,13 @@
 """TwigVLM-HF. The modules beside this file are the remote code a checkpoint ships; this file is not shipped."""
 
+from .cache_twigvlm import TwigVLMCache
 from .configuration_twigvlm import TwigVLMConfig
+from .modeling_twigvlm import TwigVLMForConditionalGeneration, TwigVLMModel, TwigVLMPreTrainedModel
 
 
-__all__ = ["TwigVLMConfig"]
+# `save_pretrained` copies the code of registered classes next to the weights and writes `auto_map`.
+TwigVLMConfig.register_for_auto_class("AutoConfig")
+TwigVLMModel.register_for_auto_class("AutoModel")
+TwigVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["TwigVLMCache", "TwigVLMConfig", "TwigVLMForConditionalGeneration", "TwigVLMModel", "TwigVLMPreTrainedModel"]

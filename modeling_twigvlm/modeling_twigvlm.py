@@ -1,0 +1,387 @@
+"""TwigVLM: LLaVA with a twig grown on layer K of its language model, which ranks the visual tokens to prune."""
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaModelOutputWithPast,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+
+from .cache_twigvlm import TwigVLMCache
+from .configuration_twigvlm import TwigVLMConfig
+from .pruning_twigvlm import (
+    keep_top_visual_tokens,
+    last_token_attention,
+    resolve_num_kept_visual_tokens,
+    resolve_token_reduction,
+)
+
+
+class TwigVLMTwig(nn.Module):
+    """
+    The twig: T decoder layers of the base's own class that read the hidden states entering base layer K, with their
+    own final norm and LM head. Its layers use cache slots L..L+T-1, after the base layers.
+    """
+
+    def __init__(self, config: TwigVLMConfig, decoder_layer_class: type[nn.Module], norm_class: type[nn.Module]):
+        super().__init__()
+        text_config = config.text_config
+        num_base_layers = text_config.num_hidden_layers
+        self.layers = nn.ModuleList(
+            decoder_layer_class(text_config, layer_idx=num_base_layers + i) for i in range(config.num_twig_layers)
+        )
+        self.norm = norm_class(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the hidden states entering the last twig layer (token pruning scores them) and leaving the twig."""
+        for layer in self.layers:
+            last_layer_input = hidden_states
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                use_cache=True,
+                **kwargs,
+            )
+        return last_layer_input, hidden_states
+
+
+class TwigVLMPreTrainedModel(LlavaPreTrainedModel):
+    config_class = TwigVLMConfig
+    _no_split_modules = ["TwigVLMTwig"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    # Token pruning chooses data-dependent shapes and keeps different lengths per layer group: no fullgraph compile,
+    # no flex-attention masks, and no serving backend that would run the language model without it.
+    _can_compile_fullgraph = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+
+
+class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
+    """LLaVA's vision tower, projector and language model, plus the twig; the forward prunes visual tokens (TTP)."""
+
+    def __init__(self, config: TwigVLMConfig):
+        TwigVLMPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.twig = TwigVLMTwig(config, type(self.language_model.layers[0]), type(self.language_model.norm))
+        self.post_init()
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
+        **image_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token embeddings with the projected image features in place; also the image-token mask and the features."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+        if image_outputs is None:
+            return inputs_embeds, None, None
+
+        image_features = torch.cat(list(image_outputs.pooler_output), dim=0)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
+        inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
+        return inputs_embeds, special_image_mask[..., 0], image_features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        token_reduction: str | None = None,
+        visual_token_budget: float | None = None,
+        num_kept_visual_tokens: int | None = None,
+        **kwargs,
+    ) -> LlavaModelOutputWithPast:
+        r"""
+        token_reduction (`str`, *optional*):
+            `"twig"` (twig-guided token pruning) or `"none"`; defaults to `config.token_reduction`.
+        visual_token_budget (`float`, *optional*):
+            R̄, the average number of visual tokens per base layer; overrides the config for this call.
+        num_kept_visual_tokens (`int`, *optional*):
+            R, the visual tokens kept for layers K..F-1; overrides the config for this call.
+
+        Pruning happens in the prefill (an empty cache) of a prompt with image tokens. With pruning, the hidden states
+        of the last layers cover only the tokens that reached them (the text), so `last_hidden_state` is shorter than
+        the input; its last rows are still the last prompt tokens.
+        """
+        inputs_embeds, image_token_mask, image_features = self.embed_inputs(
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        cache = past_key_values if past_key_values is not None else TwigVLMCache(self.config)
+        if not hasattr(cache, "layer_groups"):
+            raise TypeError(
+                f"TwigVLM needs its own TwigVLMCache (layers of different lengths plus the twig's), got "
+                f"{type(past_key_values).__name__}; pass past_key_values=None to let the model create it."
+            )
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+        position_ids = position_ids.expand(batch_size, -1)
+        position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)
+
+        is_prefill = past_length == 0
+        prune = (
+            is_prefill
+            and image_token_mask is not None
+            and resolve_token_reduction(self.config, token_reduction) == "twig"
+        )
+        if prune:
+            num_kept = self.num_kept_visual_tokens(image_token_mask, visual_token_budget, num_kept_visual_tokens)
+        if is_prefill:
+            cache.prompt_length = seq_length
+            cache.kept_prompt_positions = {}
+            cache.visual_token_counts = []
+
+        hidden_states = inputs_embeds
+        # Prompt positions of the tokens in `hidden_states`, and which of them are visual; narrowed at each pruning.
+        token_positions = torch.arange(seq_length, device=inputs_embeds.device).expand(batch_size, -1)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for group_start, group_end in cache.layer_groups:
+            if prune and group_start > 0:
+                if group_start == self.config.twig_attach_layer:
+                    keep = self.twig_guided_keep(
+                        hidden_states, attention_mask, position_embeddings, cache, image_token_mask, num_kept, **kwargs
+                    )
+                else:  # FinalWipe: from here on no layer sees a visual token
+                    keep = ~image_token_mask
+                kept = keep.nonzero()[:, 1].view(batch_size, -1)
+                hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
+                position_embeddings = tuple(
+                    embedding.gather(1, kept[..., None].expand(-1, -1, embedding.shape[-1]))
+                    for embedding in position_embeddings
+                )
+                image_token_mask = image_token_mask.gather(1, kept)
+                token_positions = token_positions.gather(1, kept)
+                cache.kept_prompt_positions[group_start] = token_positions
+            if is_prefill:
+                num_visual = 0 if image_token_mask is None else int(image_token_mask[0].sum())
+                cache.visual_token_counts.append((group_start, group_end, num_visual))
+
+            causal_mask = create_causal_mask(
+                config=self.config.text_config,
+                inputs_embeds=hidden_states,
+                attention_mask=cache.group_attention_mask(attention_mask, group_start),
+                past_key_values=cache,
+                layer_idx=group_start,
+            )
+            for decoder_layer in self.language_model.layers[group_start:group_end]:
+                hidden_states = decoder_layer(
+                    hidden_states,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **kwargs,
+                )
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+
+        hidden_states = self.language_model.norm(hidden_states)
+        return LlavaModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            image_hidden_states=image_features,
+        )
+
+    def num_kept_visual_tokens(
+        self,
+        image_token_mask: torch.Tensor,
+        visual_token_budget: float | None,
+        num_kept_visual_tokens: int | None,
+    ) -> int:
+        """R for this prompt; pruning keeps the same count in every row, so every row needs the same image-token count."""
+        visual_per_row = image_token_mask.sum(dim=1)
+        if (visual_per_row != visual_per_row[0]).any():
+            raise ValueError(
+                f"Token pruning needs the same number of image tokens in every sample of a batch, got "
+                f"{visual_per_row.tolist()}; give each sample one image of the same size, or pass token_reduction='none'."
+            )
+        return resolve_num_kept_visual_tokens(
+            self.config, int(visual_per_row[0]), visual_token_budget, num_kept_visual_tokens
+        )
+
+    def twig_guided_keep(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: TwigVLMCache,
+        image_token_mask: torch.Tensor,
+        num_kept: int,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run the twig on the layer-K prompt and keep the visual tokens its last layer's last query attends to most."""
+        twig_start = cache.num_base_layers
+        twig_mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            layer_idx=twig_start,
+        )
+        last_layer_input, _ = self.twig(hidden_states, twig_mask, position_embeddings, cache, **kwargs)
+        scores = last_token_attention(
+            self.twig.layers[-1],
+            last_layer_input[:, -1:],
+            cache.layers[twig_start + self.config.num_twig_layers - 1].keys,
+            tuple(embedding[:, -1:] for embedding in position_embeddings),
+            None if attention_mask is None else attention_mask.bool(),
+        )
+        if not cache.keep_twig_cache:
+            cache.free_twig()
+        return keep_top_visual_tokens(scores, image_token_mask, num_kept)
+
+
+class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin):
+    """TwigVLM with LLaVA's LM head: `generate` prunes visual tokens with the twig (TTP)."""
+
+    def __init__(self, config: TwigVLMConfig):
+        TwigVLMPreTrainedModel.__init__(self, config)
+        self.model = TwigVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        token_reduction: str | None = None,
+        visual_token_budget: float | None = None,
+        num_kept_visual_tokens: int | None = None,
+        **kwargs,
+    ) -> LlavaCausalLMOutputWithPast:
+        r"""
+        token_reduction (`str`, *optional*):
+            `"twig"` (twig-guided token pruning) or `"none"`; defaults to `config.token_reduction`.
+        visual_token_budget (`float`, *optional*):
+            R̄, the average number of visual tokens per base layer; overrides the config for this call.
+        num_kept_visual_tokens (`int`, *optional*):
+            R, the visual tokens kept for layers K..F-1; overrides the config for this call.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            token_reduction=token_reduction,
+            visual_token_budget=visual_token_budget,
+            num_kept_visual_tokens=num_kept_visual_tokens,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError(
+                    f"Token pruning left logits for {logits.shape[1]} of the {labels.shape[1]} labelled positions; "
+                    "pass token_reduction='none' to compute a loss over the whole sequence."
+                )
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return LlavaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """`generate` gets a TwigVLMCache: base layers of different lengths after pruning, plus the twig's layers."""
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} cannot hold the different lengths "
+                "per layer that token pruning leaves; leave cache_implementation unset (a dynamic TwigVLMCache)."
+            )
+        if model_kwargs.get("past_key_values") is not None:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        if generation_config.use_cache is False:
+            if resolve_token_reduction(self.config, model_kwargs.get("token_reduction")) != "none":
+                raise ValueError(
+                    "Token pruning happens once, in the prefill, and needs the KV cache: with use_cache=False every "
+                    "step would prune anew. Generate with use_cache=True, or pass token_reduction='none'."
+                )
+            return
+        model_kwargs["past_key_values"] = TwigVLMCache(self.config)
+
+
+__all__ = ["TwigVLMForConditionalGeneration", "TwigVLMModel", "TwigVLMPreTrainedModel"]
