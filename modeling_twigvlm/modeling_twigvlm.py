@@ -1,12 +1,14 @@
 """TwigVLM: LLaVA with a twig grown on layer K of its language model, which ranks the visual tokens to prune."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AutoModel
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -24,6 +26,27 @@ from .pruning_twigvlm import (
     resolve_num_kept_visual_tokens,
     resolve_token_reduction,
 )
+
+
+@dataclass
+class TwigModelOutput(ModelOutput):
+    """
+    last_hidden_state: the twig's output after its norm. attach_layer_hidden_states: the hidden states entering base
+    layer K, which the twig read.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    attach_layer_hidden_states: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class TwigCausalLMOutput(ModelOutput):
+    """The twig's logits (its own LM head) and, given labels, their next-token loss."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
 
 
 class TwigVLMTwig(nn.Module):
@@ -233,6 +256,74 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             image_hidden_states=image_features,
         )
 
+    def twig_forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> TwigModelOutput:
+        """
+        The shallow model: base layers 0..K-1, then the twig and its norm, on every token (the twig never prunes).
+
+        With a cache it reads and extends the KV of base layers 0..K-1 and of the twig's own layers, which is how
+        self-speculative drafting shares the verifier's cache; without one it is the training forward. Base layers
+        K..L-1 never run.
+        """
+        inputs_embeds, _, _ = self.embed_inputs(
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        if position_ids is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+        position_ids = position_ids.expand(batch_size, -1)
+        position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        shallow_mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            layer_idx=0,
+        )
+        for decoder_layer in self.language_model.layers[: self.config.twig_attach_layer]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=shallow_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+                **kwargs,
+            )
+        twig_mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            layer_idx=self.config.num_base_layers if past_key_values is not None else None,
+        )
+        _, twig_hidden_states = self.twig(hidden_states, twig_mask, position_embeddings, past_key_values, **kwargs)
+        return TwigModelOutput(
+            last_hidden_state=self.twig.norm(twig_hidden_states),
+            attach_layer_hidden_states=hidden_states,
+            past_key_values=past_key_values,
+        )
+
     def num_kept_visual_tokens(
         self,
         image_token_mask: torch.Tensor,
@@ -360,6 +451,26 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
+
+    def twig_forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TwigCausalLMOutput:
+        """The shallow model's logits (base layers 0..K-1, the twig, its head) and, given labels, their loss."""
+        outputs = self.model.twig_forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.model.twig.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return TwigCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int

@@ -270,3 +270,32 @@ def test_unservable_generation_modes_are_refused():
     # Without pruning the same requests are plain LLaVA and work.
     model.generate(input_ids=ids, pixel_values=images, max_new_tokens=2, use_cache=False, token_reduction="none")
     assert model(input_ids=ids, pixel_values=images, labels=ids, token_reduction="none").loss is not None
+
+
+@pytest.mark.parametrize("attn_implementation", ATTENTION)
+def test_twig_forward_is_the_shallow_model(attn_implementation):
+    """Twig logits = twig head(twig norm(twig layers(base layers 0..K-1(embeddings)))), with or without a cache."""
+    model = tiny_twigvlm(attn_implementation=attn_implementation)
+    llava = llava_with_same_base(model, "eager")
+    ids, images = prompt_ids(), pixel_values()
+    with torch.no_grad():
+        hidden = embed(llava, ids, images)
+        positions = torch.arange(ids.shape[1])[None]
+        position_embeddings = llava.model.language_model.rotary_emb(hidden, positions)
+        causal = additive_mask(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril())
+        for layer in [*llava.model.language_model.layers[:2], *eager_twig_layers(model)]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=position_embeddings)
+        expected = model.model.twig.lm_head(model.model.twig.norm(hidden))
+
+        whole = model.twig_forward(input_ids=ids, pixel_values=images).logits
+        assert (whole - expected).abs().max() < 1e-5
+
+        # In two chunks through a cache, as drafting does: the same logits.
+        from twigvlm import TwigVLMCache
+
+        cache = TwigVLMCache(model.config)
+        split = ids.shape[1] - 3
+        first = model.twig_forward(input_ids=ids[:, :split], pixel_values=images, past_key_values=cache).logits
+        second = model.twig_forward(input_ids=ids[:, split:], past_key_values=cache).logits
+        assert (torch.cat([first, second], dim=1) - expected).abs().max() < 1e-5
+        assert [cache.get_seq_length(i) for i in (0, 1, 2, 8, 9)] == [ids.shape[1]] * 2 + [0] + [ids.shape[1]] * 2
