@@ -7,6 +7,12 @@ from transformers.models.llava.configuration_llava import LlavaConfig
 
 
 TOKEN_REDUCTIONS = ("twig", "none")
+# Every Auto class a TwigVLM checkpoint answers to; `save_pretrained` writes this into config.json.
+AUTO_MAP = {
+    "AutoConfig": "configuration_twigvlm.TwigVLMConfig",
+    "AutoModel": "modeling_twigvlm.TwigVLMModel",
+    "AutoModelForImageTextToText": "modeling_twigvlm.TwigVLMForConditionalGeneration",
+}
 
 
 @strict
@@ -40,6 +46,11 @@ class TwigVLMConfig(LlavaConfig):
     visual_token_budget: int | float | None = 64
     num_kept_visual_tokens: int | None = None
     token_reduction: str = "twig"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # A checkpoint's own auto_map (e.g. "owner/repo--modeling_twigvlm...") wins over the local module names.
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     @property
     def num_base_layers(self) -> int:
