@@ -28,6 +28,9 @@ class TwigVLMCache(DynamicCache):
         self.prompt_length: int | None = None
         self.kept_prompt_positions: dict[int, torch.Tensor] = {}
         self.visual_token_counts: list[tuple[int, int, int]] = []
+        # Hidden states entering layer K of tokens the draft ran through layers 0..K-1, awaiting the verifier.
+        self.draft_attach_hidden_states: torch.Tensor | None = None
+        self.speculation_stats = None
 
     @property
     def layer_groups(self) -> list[tuple[int, int]]:
@@ -47,9 +50,18 @@ class TwigVLMCache(DynamicCache):
         prompt_mask = attention_mask[:, : self.prompt_length].gather(1, kept.to(attention_mask.device))
         return torch.cat([prompt_mask, attention_mask[:, self.prompt_length :]], dim=1)
 
+    def add_draft_attach_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        pending = self.draft_attach_hidden_states
+        self.draft_attach_hidden_states = hidden_states if pending is None else torch.cat([pending, hidden_states], 1)
+
+    def pop_draft_attach_hidden_states(self) -> torch.Tensor | None:
+        pending, self.draft_attach_hidden_states = self.draft_attach_hidden_states, None
+        return pending
+
     def free_twig(self) -> None:
+        # Fresh layers rather than `reset()`, which zeroes the tensors in place on older transformers.
         for layer_idx in self.twig_layer_indices:
-            self.layers[layer_idx].reset()
+            self.layers[layer_idx] = DynamicLayer()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)

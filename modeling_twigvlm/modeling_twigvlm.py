@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.utils import logging
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -20,12 +21,16 @@ from transformers.models.llava.modeling_llava import (
 
 from .cache_twigvlm import TwigVLMCache
 from .configuration_twigvlm import TwigVLMConfig
+from .generation_twigvlm import TwigDraftCandidateGenerator, speculative_generation_defaults
 from .pruning_twigvlm import (
     keep_top_visual_tokens,
     last_token_attention,
     resolve_num_kept_visual_tokens,
     resolve_token_reduction,
 )
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -184,8 +189,15 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 f"TwigVLM needs its own TwigVLMCache (layers of different lengths plus the twig's), got "
                 f"{type(past_key_values).__name__}; pass past_key_values=None to let the model create it."
             )
+        if output_hidden_states:
+            raise ValueError(
+                "output_hidden_states is not supported: after token pruning the layers hold different tokens."
+            )
+        # Tokens the draft already ran through layers 0..K-1 (self-speculative decoding): only the rest run them now.
+        drafted = cache.pop_draft_attach_hidden_states()
+        num_drafted = 0 if drafted is None else drafted.shape[1]
         batch_size, seq_length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length()
+        past_length = cache.get_seq_length() - num_drafted
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
         position_ids = position_ids.expand(batch_size, -1)
@@ -204,10 +216,9 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             cache.kept_prompt_positions = {}
             cache.visual_token_counts = []
 
-        hidden_states = inputs_embeds
         # Prompt positions of the tokens in `hidden_states`, and which of them are visual; narrowed at each pruning.
         token_positions = torch.arange(seq_length, device=inputs_embeds.device).expand(batch_size, -1)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        hidden_states = inputs_embeds
         for group_start, group_end in cache.layer_groups:
             if prune and group_start > 0:
                 if group_start == self.config.twig_attach_layer:
@@ -229,32 +240,61 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 num_visual = 0 if image_token_mask is None else int(image_token_mask[0].sum())
                 cache.visual_token_counts.append((group_start, group_end, num_visual))
 
-            causal_mask = create_causal_mask(
-                config=self.config.text_config,
-                inputs_embeds=hidden_states,
-                attention_mask=cache.group_attention_mask(attention_mask, group_start),
-                past_key_values=cache,
-                layer_idx=group_start,
-            )
-            for decoder_layer in self.language_model.layers[group_start:group_end]:
-                hidden_states = decoder_layer(
-                    hidden_states,
-                    attention_mask=causal_mask,
-                    position_embeddings=position_embeddings,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **kwargs,
+            if group_start > 0:
+                hidden_states = self.run_layer_group(
+                    group_start, group_end, hidden_states, position_embeddings, attention_mask, cache, **kwargs
                 )
-                if output_hidden_states:
-                    all_hidden_states += (hidden_states,)
+                continue
+            new_position_embeddings = tuple(embedding[:, num_drafted:] for embedding in position_embeddings)
+            new_hidden_states = self.run_layer_group(
+                0, group_end, hidden_states[:, num_drafted:], new_position_embeddings, attention_mask, cache, **kwargs
+            )
+            if cache.keep_twig_cache and not prune:  # keep the twig's KV in step with the base layers for drafting
+                twig_mask = create_causal_mask(
+                    config=self.config.text_config,
+                    inputs_embeds=new_hidden_states,
+                    attention_mask=attention_mask,
+                    past_key_values=cache,
+                    layer_idx=cache.num_base_layers,
+                )
+                self.twig(new_hidden_states, twig_mask, new_position_embeddings, cache, **kwargs)
+            hidden_states = new_hidden_states if drafted is None else torch.cat([drafted, new_hidden_states], dim=1)
 
         hidden_states = self.language_model.norm(hidden_states)
         return LlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=cache if use_cache else None,
-            hidden_states=all_hidden_states,
             image_hidden_states=image_features,
         )
+
+    def run_layer_group(
+        self,
+        group_start: int,
+        group_end: int,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: TwigVLMCache,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Base layers `group_start..group_end-1`, which hold the same tokens, under one mask sized from their cache."""
+        causal_mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=cache.group_attention_mask(attention_mask, group_start),
+            past_key_values=cache,
+            layer_idx=group_start,
+        )
+        for decoder_layer in self.language_model.layers[group_start:group_end]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return hidden_states
 
     def twig_forward(
         self,
@@ -381,6 +421,8 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         self.model = TwigVLMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # The paper's default is pruning plus self-speculative decoding; a checkpoint's generation_config.json wins.
+        self.generation_config.update(**speculative_generation_defaults(config))
 
     def forward(
         self,
@@ -471,6 +513,74 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return TwigCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def _prepare_generation_config(self, generation_config, speculative_decoding: bool | None = None, **kwargs):
+        """
+        Self-speculative decoding is on when `assistant_early_exit` is set, as TwigVLM checkpoints ship it in their
+        generation config. `generate(..., speculative_decoding=False)` turns it off for one call and `True` turns it
+        on. It serves one sequence at a time from the KV cache: for a batch, beams, several return sequences or no
+        cache it is switched off with a warning when it came from the checkpoint's defaults, and refused when asked.
+        """
+        asked = speculative_decoding is True or kwargs.get("assistant_early_exit") is not None
+        if generation_config is not None and generation_config.assistant_early_exit is not None:
+            asked = True
+        if speculative_decoding is not None:
+            kwargs["assistant_early_exit"] = self.config.twig_attach_layer if speculative_decoding else None
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if speculative_decoding is False:  # a None in kwargs does not override the checkpoint's value everywhere
+            generation_config.assistant_early_exit = None
+        if generation_config.assistant_early_exit is None:
+            return generation_config, model_kwargs
+
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        reasons = []
+        if inputs is not None and inputs.shape[0] > 1:
+            reasons.append(f"a batch of {inputs.shape[0]}")
+        if generation_config.num_beams > 1:
+            reasons.append(f"num_beams={generation_config.num_beams}")
+        if generation_config.num_return_sequences > 1:
+            reasons.append(f"num_return_sequences={generation_config.num_return_sequences}")
+        if generation_config.use_cache is False:
+            reasons.append("use_cache=False")
+        if not reasons:
+            return generation_config, model_kwargs
+        reason = ", ".join(reasons)
+        if asked:
+            raise ValueError(
+                f"Self-speculative decoding serves one sequence at a time from the KV cache and cannot decode with "
+                f"{reason}; pass speculative_decoding=False to decode without it."
+            )
+        logger.warning_once(
+            f"Self-speculative decoding (on in this checkpoint's generation config) serves one sequence at a time from "
+            f"the KV cache; decoding with {reason} without it. Pass speculative_decoding=False to silence this warning."
+        )
+        generation_config.assistant_early_exit = None
+        return generation_config, model_kwargs
+
+    def _get_candidate_generator(
+        self,
+        generation_config,
+        input_ids: torch.LongTensor,
+        inputs_tensor: torch.Tensor,
+        logits_processor,
+        model_kwargs: dict,
+        assistant_model=None,
+        target_tokenizer=None,
+        assistant_tokenizer=None,
+    ):
+        """With `assistant_early_exit` and no separate assistant model, the twig drafts (self-speculative decoding)."""
+        if generation_config.assistant_early_exit is None or assistant_model is not None:
+            return super()._get_candidate_generator(
+                generation_config,
+                input_ids,
+                inputs_tensor,
+                logits_processor,
+                model_kwargs,
+                assistant_model=assistant_model,
+                target_tokenizer=target_tokenizer,
+                assistant_tokenizer=assistant_tokenizer,
+            )
+        return TwigDraftCandidateGenerator(self, generation_config, logits_processor, model_kwargs["past_key_values"])
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int

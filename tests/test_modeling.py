@@ -174,18 +174,22 @@ def test_pruned_generation_equals_mask_reference(
     assert cache.visual_token_counts == expected_counts
 
 
-def test_cache_lengths_after_generation():
+@pytest.mark.parametrize("speculative", [False, True])
+def test_cache_lengths_after_generation(speculative):
     model = tiny_twigvlm()
     ids, images = prompt_ids(), pixel_values()
-    new_tokens = 5
+    new_tokens = 7
     out = model.generate(
-        input_ids=ids, pixel_values=images, num_kept_visual_tokens=3, max_new_tokens=new_tokens,
-        do_sample=False, return_dict_in_generate=True,
+        input_ids=ids, pixel_values=images, num_kept_visual_tokens=3, max_new_tokens=new_tokens, do_sample=False,
+        return_dict_in_generate=True, speculative_decoding=speculative,
     )
     cache, length = out.past_key_values, ids.shape[1] + new_tokens - 1  # the last token is never fed back
     expected = [length] * 2 + [length - NUM_IMAGE_TOKENS + 3] * 4 + [length - NUM_IMAGE_TOKENS] * 2
     assert [cache.get_seq_length(i) for i in range(8)] == expected
-    assert [cache.get_seq_length(i) for i in cache.twig_layer_indices] == [0, 0]  # freed after scoring
+    # Plain decoding frees the twig after scoring; drafting keeps it in step with the base layers.
+    twig_lengths = [cache.get_seq_length(i) for i in cache.twig_layer_indices]
+    assert twig_lengths == ([length] * 2 if speculative else [0, 0])
+    assert cache.draft_attach_hidden_states is None
 
 
 @pytest.mark.parametrize("attn_implementation", ATTENTION)
