@@ -176,3 +176,18 @@ def test_speculative_sampling_keeps_the_verifier_distribution(monkeypatch):
     monkeypatch.setattr(generation_utils, "_speculative_sampling", accept_every_draft)
     broken = sampled_second_tokens(model, prompt, 1500, **speculative)
     assert 0.5 * (broken - exact).abs().sum() > tolerance
+
+
+@pytest.mark.parametrize("schedule, drafts_per_round", [("constant", 3), ("heuristic", None)])
+def test_draft_length_follows_num_assistant_tokens_and_schedule(schedule, drafts_per_round):
+    model = twig_copy_of_deep_layers()  # every draft accepted
+    out = model.generate(
+        input_ids=prompt_ids(), pixel_values=pixel_values(), max_new_tokens=30, do_sample=False,
+        speculative_decoding=True, num_assistant_tokens=3, num_assistant_tokens_schedule=schedule,
+        assistant_confidence_threshold=0.0, return_dict_in_generate=True, token_reduction="none",
+    )
+    stats = out.past_key_values.speculation_stats
+    if drafts_per_round is not None:  # 29 tokens after the prefill's: 7 rounds of 3 drafts + a bonus, then one plain
+        assert (stats.rounds, stats.drafted_tokens, stats.accepted_tokens) == (7, 21, 21)
+    else:  # full acceptance grows the draft by 2 each round: 3, 5, 7, ...
+        assert stats.mean_accepted_length > 4
