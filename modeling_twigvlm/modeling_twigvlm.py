@@ -250,14 +250,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 0, group_end, hidden_states[:, num_drafted:], new_position_embeddings, attention_mask, cache, **kwargs
             )
             if cache.keep_twig_cache and not prune:  # keep the twig's KV in step with the base layers for drafting
-                twig_mask = create_causal_mask(
-                    config=self.config.text_config,
-                    inputs_embeds=new_hidden_states,
-                    attention_mask=attention_mask,
-                    past_key_values=cache,
-                    layer_idx=cache.num_base_layers,
-                )
-                self.twig(new_hidden_states, twig_mask, new_position_embeddings, cache, **kwargs)
+                self.run_twig(new_hidden_states, new_position_embeddings, attention_mask, cache, **kwargs)
             hidden_states = new_hidden_states if drafted is None else torch.cat([drafted, new_hidden_states], dim=1)
 
         hidden_states = self.language_model.norm(hidden_states)
@@ -295,6 +288,24 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 **kwargs,
             )
         return hidden_states
+
+    def run_twig(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: TwigVLMCache | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The twig's layers on hidden states entering layer K, under a mask sized from its own cache slots."""
+        twig_mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            layer_idx=cache.twig_layer_indices[0] if cache is not None else None,
+        )
+        return self.twig(hidden_states, twig_mask, position_embeddings, cache, **kwargs)
 
     def twig_forward(
         self,
@@ -350,14 +361,9 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 use_cache=past_key_values is not None,
                 **kwargs,
             )
-        twig_mask = create_causal_mask(
-            config=self.config.text_config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            layer_idx=self.config.num_base_layers if past_key_values is not None else None,
+        _, twig_hidden_states = self.run_twig(
+            hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
         )
-        _, twig_hidden_states = self.twig(hidden_states, twig_mask, position_embeddings, past_key_values, **kwargs)
         return TwigModelOutput(
             last_hidden_state=self.twig.norm(twig_hidden_states),
             attach_layer_hidden_states=hidden_states,
@@ -392,19 +398,11 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         **kwargs,
     ) -> torch.Tensor:
         """Run the twig on the layer-K prompt and keep the visual tokens its last layer's last query attends to most."""
-        twig_start = cache.num_base_layers
-        twig_mask = create_causal_mask(
-            config=self.config.text_config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=twig_start,
-        )
-        last_layer_input, _ = self.twig(hidden_states, twig_mask, position_embeddings, cache, **kwargs)
+        last_layer_input, _ = self.run_twig(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         scores = last_token_attention(
             self.twig.layers[-1],
             last_layer_input[:, -1:],
-            cache.layers[twig_start + self.config.num_twig_layers - 1].keys,
+            cache.layers[cache.twig_layer_indices[-1]].keys,
             tuple(embedding[:, -1:] for embedding in position_embeddings),
             None if attention_mask is None else attention_mask.bool(),
         )
