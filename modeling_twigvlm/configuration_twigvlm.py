@@ -6,7 +6,20 @@ from huggingface_hub.dataclasses import strict
 from transformers.models.llava.configuration_llava import LlavaConfig
 
 
-TOKEN_REDUCTIONS = ("twig", "none")
+# The visual-token reductions a forward can apply (see `token_reduction_twigvlm.py`): TwigVLM's own, none, and the
+# methods it is compared against.
+TOKEN_REDUCTIONS = (
+    "twig",
+    "none",
+    "fastv",
+    "sparsevlm",
+    "visionzip",
+    "fastervlm",
+    "illava",
+    "mustdrop",
+    "random",
+    "pooling",
+)
 # Every Auto class a TwigVLM checkpoint answers to; `save_pretrained` writes this into config.json.
 AUTO_MAP = {
     "AutoConfig": "configuration_twigvlm.TwigVLMConfig",
@@ -35,7 +48,8 @@ class TwigVLMConfig(LlavaConfig):
         num_kept_visual_tokens (`int`, *optional*):
             R: visual tokens kept for layers K..F-1, set directly. Wins over `visual_token_budget`.
         token_reduction (`str`, *optional*, defaults to `"twig"`):
-            `"twig"` prunes with the twig's attention (TTP); `"none"` keeps every visual token.
+            `"twig"` prunes with the twig's attention (TTP); `"none"` keeps every visual token; the other names in
+            `TOKEN_REDUCTIONS` (`"fastv"`, `"visionzip"`, ...) run the methods TwigVLM is compared against.
     """
 
     model_type = "twigvlm"

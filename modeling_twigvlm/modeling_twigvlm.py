@@ -28,6 +28,7 @@ from .pruning_twigvlm import (
     resolve_num_kept_visual_tokens,
     resolve_token_reduction,
 )
+from .token_reduction_twigvlm import TOKEN_REDUCTION_STRATEGIES, PrefillRun, build_token_reduction
 
 
 logger = logging.get_logger(__name__)
@@ -158,30 +159,39 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         token_reduction: str | None = None,
+        token_reduction_options: dict | None = None,
         visual_token_budget: float | None = None,
         num_kept_visual_tokens: int | None = None,
         **kwargs,
     ) -> LlavaModelOutputWithPast:
         r"""
         token_reduction (`str`, *optional*):
-            `"twig"` (twig-guided token pruning) or `"none"`; defaults to `config.token_reduction`.
+            `"twig"` (twig-guided token pruning), `"none"`, or a method TwigVLM is compared against (`"fastv"`,
+            `"sparsevlm"`, `"visionzip"`, `"fastervlm"`, `"illava"`, `"mustdrop"`, `"random"`, `"pooling"`; see
+            `token_reduction_twigvlm.py`); defaults to `config.token_reduction`.
+        token_reduction_options (`dict`, *optional*):
+            The method's own options (e.g. `{"layer": 3}` for FastV); an unknown one is an error listing the valid ones.
         visual_token_budget (`float`, *optional*):
-            R̄, the average number of visual tokens per base layer; overrides the config for this call.
+            The budget as the method's paper counts it: R̄, the average number of visual tokens per base layer, for the
+            twig, FastV, SparseVLM, iLLaVA and MustDrop; the tokens entering the language model for VisionZip,
+            FasterVLM, random pruning and pooling. Overrides the config for this call.
         num_kept_visual_tokens (`int`, *optional*):
-            R, the visual tokens kept for layers K..F-1; overrides the config for this call.
+            R, the visual tokens kept at the pruning layer (K..F-1 for the twig); overrides the config for this call.
 
-        Pruning happens in the prefill (an empty cache) of a prompt with image tokens. With pruning, the hidden states
-        of the last layers cover only the tokens that reached them (the text), so `last_hidden_state` is shorter than
-        the input; its last rows are still the last prompt tokens.
+        Token reduction happens in the prefill (an empty cache) of a prompt with image tokens. With it, the hidden
+        states of the last layers cover only the tokens that reached them, so `last_hidden_state` is shorter than the
+        input; its last rows are still the last prompt tokens. The cache records what each layer group kept
+        (`visual_token_counts`) and, per sample, the tokens entering the language model and the layer average R̄
+        (`token_reduction_report`).
         """
-        inputs_embeds, image_token_mask, image_features = self.embed_inputs(
-            input_ids,
-            inputs_embeds,
-            pixel_values,
-            mm_encoder_outputs,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
+        strategy = build_token_reduction(
+            self.config,
+            token_reduction,
+            token_reduction_options,
+            visual_token_budget,
+            num_kept_visual_tokens,
+            vision_feature_layer,
+            vision_feature_select_strategy,
         )
         cache = past_key_values if past_key_values is not None else TwigVLMCache(self.config)
         if not hasattr(cache, "layer_groups"):
@@ -196,62 +206,59 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         # Tokens the draft already ran through layers 0..K-1 (self-speculative decoding): only the rest run them now.
         drafted = cache.pop_draft_attach_hidden_states()
         num_drafted = 0 if drafted is None else drafted.shape[1]
-        batch_size, seq_length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() - num_drafted
+        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past_length = cache.get_logical_length() - num_drafted
+        device = (input_ids if input_ids is not None else inputs_embeds).device
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+            position_ids = torch.arange(past_length, past_length + seq_length, device=device)
         position_ids = position_ids.expand(batch_size, -1)
-        position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)
 
-        is_prefill = past_length == 0
-        prune = (
-            is_prefill
-            and image_token_mask is not None
-            and resolve_token_reduction(self.config, token_reduction) == "twig"
+        # The prefill (an empty cache) is where token reduction acts: `PrefillRun` drives the strategy's hooks.
+        run = PrefillRun(self, strategy, cache, attention_mask, position_ids, **kwargs) if past_length == 0 else None
+        if run is not None:
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs = run.reduce_images(
+                input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+            )
+        inputs_embeds, image_token_mask, image_features = self.embed_inputs(
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
         )
-        if prune:
-            num_kept = self.num_kept_visual_tokens(image_token_mask, visual_token_budget, num_kept_visual_tokens)
-        if is_prefill:
-            cache.prompt_length = seq_length
-            cache.kept_prompt_positions = {}
-            cache.visual_token_counts = []
+        rotary_emb = self.language_model.rotary_emb
+        if run is not None:
+            attention_mask = run.start(inputs_embeds, image_token_mask, rotary_emb)
+        elif attention_mask is None and cache.has_padding_slots:
+            attention_mask = torch.ones(batch_size, past_length + seq_length, dtype=torch.long, device=device)
+        position_embeddings = rotary_emb(inputs_embeds, position_ids)
 
-        # Prompt positions of the tokens in `hidden_states`, and which of them are visual; narrowed at each pruning.
-        token_positions = torch.arange(seq_length, device=inputs_embeds.device).expand(batch_size, -1)
         hidden_states = inputs_embeds
         for group_start, group_end in cache.layer_groups:
-            if prune and group_start > 0:
-                if group_start == self.config.twig_attach_layer:
-                    keep = self.twig_guided_keep(
-                        hidden_states, attention_mask, position_embeddings, cache, image_token_mask, num_kept, **kwargs
-                    )
-                else:  # FinalWipe: from here on no layer sees a visual token
-                    keep = ~image_token_mask
-                kept = keep.nonzero()[:, 1].view(batch_size, -1)
-                hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
-                position_embeddings = tuple(
-                    embedding.gather(1, kept[..., None].expand(-1, -1, embedding.shape[-1]))
-                    for embedding in position_embeddings
-                )
-                image_token_mask = image_token_mask.gather(1, kept)
-                token_positions = token_positions.gather(1, kept)
-                cache.kept_prompt_positions[group_start] = token_positions
-            if is_prefill:
-                num_visual = 0 if image_token_mask is None else int(image_token_mask[0].sum())
-                cache.visual_token_counts.append((group_start, group_end, num_visual))
-
+            if run is not None:
+                hidden_states, group_position_embeddings = run.enter_group(group_start, group_end, hidden_states)
+            elif group_start in cache.position_shifts:  # a reduction renumbered this group's prompt
+                group_position_ids = cache.group_position_ids(position_ids, group_start)
+                group_position_embeddings = rotary_emb(hidden_states, group_position_ids)
+            else:
+                group_position_embeddings = position_embeddings
             if group_start > 0:
                 hidden_states = self.run_layer_group(
-                    group_start, group_end, hidden_states, position_embeddings, attention_mask, cache, **kwargs
+                    group_start, group_end, hidden_states, group_position_embeddings, attention_mask, cache, **kwargs
                 )
                 continue
-            new_position_embeddings = tuple(embedding[:, num_drafted:] for embedding in position_embeddings)
+            new_position_embeddings = tuple(embedding[:, num_drafted:] for embedding in group_position_embeddings)
             new_hidden_states = self.run_layer_group(
                 0, group_end, hidden_states[:, num_drafted:], new_position_embeddings, attention_mask, cache, **kwargs
             )
-            if cache.keep_twig_cache and not prune:  # keep the twig's KV in step with the base layers for drafting
+            twig_scored = run is not None and run.active and strategy.runs_twig
+            if cache.keep_twig_cache and not twig_scored:  # keep the twig's KV in step with the base layers for drafting
                 self.run_twig(new_hidden_states, new_position_embeddings, attention_mask, cache, **kwargs)
             hidden_states = new_hidden_states if drafted is None else torch.cat([drafted, new_hidden_states], dim=1)
+        if run is not None:
+            run.finish()
 
         hidden_states = self.language_model.norm(hidden_states)
         return LlavaModelOutputWithPast(
@@ -439,17 +446,24 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         token_reduction: str | None = None,
+        token_reduction_options: dict | None = None,
         visual_token_budget: float | None = None,
         num_kept_visual_tokens: int | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutputWithPast:
         r"""
         token_reduction (`str`, *optional*):
-            `"twig"` (twig-guided token pruning) or `"none"`; defaults to `config.token_reduction`.
+            `"twig"` (twig-guided token pruning), `"none"`, or a method TwigVLM is compared against (`"fastv"`,
+            `"sparsevlm"`, `"visionzip"`, `"fastervlm"`, `"illava"`, `"mustdrop"`, `"random"`, `"pooling"`; see
+            `token_reduction_twigvlm.py`); defaults to `config.token_reduction`.
+        token_reduction_options (`dict`, *optional*):
+            The method's own options (e.g. `{"layer": 3}` for FastV); an unknown one is an error listing the valid ones.
         visual_token_budget (`float`, *optional*):
-            R̄, the average number of visual tokens per base layer; overrides the config for this call.
+            The budget as the method's paper counts it: R̄, the average number of visual tokens per base layer, for the
+            twig, FastV, SparseVLM, iLLaVA and MustDrop; the tokens entering the language model for VisionZip,
+            FasterVLM, random pruning and pooling. Overrides the config for this call.
         num_kept_visual_tokens (`int`, *optional*):
-            R, the visual tokens kept for layers K..F-1; overrides the config for this call.
+            R, the visual tokens kept at the pruning layer (K..F-1 for the twig); overrides the config for this call.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -465,6 +479,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             token_reduction=token_reduction,
+            token_reduction_options=token_reduction_options,
             visual_token_budget=visual_token_budget,
             num_kept_visual_tokens=num_kept_visual_tokens,
             **kwargs,
@@ -517,7 +532,8 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         Self-speculative decoding is on when `assistant_early_exit` is set, as TwigVLM checkpoints ship it in their
         generation config. `generate(..., speculative_decoding=False)` turns it off for one call and `True` turns it
         on. It serves one sequence at a time from the KV cache: for a batch, beams, several return sequences or no
-        cache it is switched off with a warning when it came from the checkpoint's defaults, and refused when asked.
+        cache it is switched off with a warning when it came from the checkpoint's defaults, and refused when asked;
+        likewise with a token reduction other than `"twig"` or `"none"` (the baselines decode without drafting).
         """
         asked = speculative_decoding is True or kwargs.get("assistant_early_exit") is not None
         if generation_config is not None and generation_config.assistant_early_exit is not None:
@@ -540,6 +556,10 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
             reasons.append(f"num_return_sequences={generation_config.num_return_sequences}")
         if generation_config.use_cache is False:
             reasons.append("use_cache=False")
+        token_reduction = resolve_token_reduction(self.config, kwargs.get("token_reduction"))
+        # Drafting needs layers 0..K-1 and the twig's KV as TTP (or no reduction) leaves them.
+        if token_reduction not in ("twig", "none"):
+            reasons.append(f"token_reduction={token_reduction!r}")
         if not reasons:
             return generation_config, model_kwargs
         reason = ", ".join(reasons)
@@ -579,6 +599,13 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
                 assistant_tokenizer=assistant_tokenizer,
             )
         return TwigDraftCandidateGenerator(self, generation_config, logits_processor, model_kwargs["past_key_values"])
+
+    def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
+        """A token reduction that acts in the vision tower encodes the images in the prefill, where it reduces them."""
+        token_reduction = resolve_token_reduction(self.config, model_kwargs.get("token_reduction"))
+        if TOKEN_REDUCTION_STRATEGIES[token_reduction].reduces_image_features:
+            return model_kwargs
+        return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs)
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
