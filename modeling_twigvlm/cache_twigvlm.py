@@ -32,6 +32,9 @@ class TwigVLMCache(DynamicCache):
         self.prompt_length: int | None = None
         self.kept_prompt_positions: dict[int, torch.Tensor] = {}
         self.position_shifts: dict[int, torch.Tensor] = {}
+        # For reductions that merge: per prompt position, the position of the kept token it joined (-1: none), by the
+        # group where the merge happened (pictures of what was kept read it).
+        self.merged_into_positions: dict[int, torch.Tensor] = {}
         # Which prompt positions (of the caller's input) are image tokens, to count what each group holds.
         self.prompt_image_mask: torch.Tensor | None = None
         # Per group `(first, end, visual tokens)`: the most any row holds, which is every row's count unless an adaptive
@@ -169,6 +172,7 @@ class TwigVLMCache(DynamicCache):
     def _apply_to_rows(self, function) -> None:
         self.kept_prompt_positions = {start: function(kept) for start, kept in self.kept_prompt_positions.items()}
         self.position_shifts = {start: function(shift) for start, shift in self.position_shifts.items()}
+        self.merged_into_positions = {start: function(merged) for start, merged in self.merged_into_positions.items()}
         if self.prompt_image_mask is not None:
             self.prompt_image_mask = function(self.prompt_image_mask)
 

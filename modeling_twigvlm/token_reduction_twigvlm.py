@@ -75,7 +75,8 @@ class TokenSelection:
     What a strategy makes of the current tokens: which stay (`keep`, in their order), optionally edited hidden states
     (merges written into surviving tokens), and new tokens (`inserted`, `[batch, e, hidden]`) standing for the prompt
     positions `inserted_positions` (`-1`: none), placed right after the last image token of their row. `positions`
-    overrides the strategy's position policy for this selection.
+    overrides the strategy's position policy for this selection; `merged_into` (`[batch, n]`) gives, for a current token
+    merged into another, the prompt position of the token it joined (`-1`: none), which the cache keeps for pictures.
     """
 
     keep: torch.Tensor
@@ -83,6 +84,7 @@ class TokenSelection:
     inserted: torch.Tensor | None = None
     inserted_positions: torch.Tensor | None = None
     positions: str | None = None
+    merged_into: torch.Tensor | None = None
 
 
 def left_padded_order(order_keys: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,11 +235,12 @@ def feature_layer_index(num_vision_layers: int, vision_feature_layer: int | list
 
 def visionzip_tokens(
     features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     VisionZip on one image: `features` `[1 + P, d]` with CLS first, `cls_attention` `[heads, 1 + P]` and the
-    head-averaged keys `[1 + P, d_head]` of the feature layer. Returns `[CLS, dominant-1 patches in raster order,
-    contextual tokens]` and the dominant patch indices (0-based over patches).
+    head-averaged keys `[1 + P, d_head]` of the feature layer. Returns the tokens `[CLS, dominant-1 patches in raster
+    order, contextual tokens]`, the feature each stands for (CLS: 0; a contextual token: its target) and, per feature,
+    the token it ended in.
 
     Dominant: the top `dominant - 1` patches by CLS attention summed over heads, plus CLS itself, which VisionZip passes
     to the language model. Contextual: of the remaining tokens (raster order), `contextual` targets at a uniform stride;
@@ -249,8 +252,11 @@ def visionzip_tokens(
     is_dominant = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
     is_dominant[0] = True
     is_dominant[dominant_patches + 1] = True
+    sources = is_dominant.nonzero()[:, 0]
+    merged_into = torch.full_like(is_dominant, -1, dtype=torch.long)
+    merged_into[sources] = torch.arange(dominant, device=features.device)
     if contextual == 0:
-        return features[is_dominant], dominant_patches
+        return features[is_dominant], sources, merged_into
     remaining, metric = features[~is_dominant], keys[~is_dominant]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     step = max(1, remaining.shape[0] // contextual)
@@ -261,15 +267,22 @@ def visionzip_tokens(
     one_hot = nn.functional.one_hot(assignment, len(targets)).to(features.dtype)
     counts = one_hot.sum(dim=0).clamp(min=1)[:, None]
     contextual_tokens = remaining[targets] + one_hot.T @ remaining[~is_target] / counts
-    return torch.cat([features[is_dominant], contextual_tokens]), dominant_patches
+    remaining_features = (~is_dominant).nonzero()[:, 0]
+    merged_into[remaining_features[targets]] = dominant + torch.arange(len(targets), device=features.device)
+    merged_into[remaining_features[~is_target]] = dominant + assignment
+    sources = torch.cat([sources, remaining_features[targets]])
+    return torch.cat([features[is_dominant], contextual_tokens]), sources, merged_into
 
 
-def mustdrop_window_merge(hidden_states: torch.Tensor, grid: int, window: int, threshold: float) -> torch.Tensor:
+def mustdrop_window_merge(
+    hidden_states: torch.Tensor, grid: int, window: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     MustDrop's spatial merge on one image (`[1 + P, d]`, CLS first, patches a `grid` x `grid` raster): every
     `window` x `window` window whose tokens' mean pairwise cosine similarity (self-pairs excluded) is at least
-    `threshold` becomes the mean of its tokens. Output: `[CLS, merged windows by decreasing similarity, the other patches
-    in raster order]`, as the released code orders them.
+    `threshold` becomes the mean of its tokens. Returns `[CLS, merged windows by decreasing similarity, the other patches
+    in raster order]`, as the released code orders them; the token each stands for (a merged window: its bottom-right
+    patch, whose slot the released code writes the mean into); and, per input token, the output token it ended in.
     """
     cls_token, patches = hidden_states[:1], hidden_states[1:]
     size = window * window
@@ -283,7 +296,13 @@ def mustdrop_window_merge(hidden_states: torch.Tensor, grid: int, window: int, t
     merged_windows = similarity.topk(num_merged).indices
     is_merged = torch.zeros(grid * grid, dtype=torch.bool, device=patches.device)
     is_merged[index[merged_windows].flatten()] = True
-    return torch.cat([cls_token, windows[merged_windows].mean(dim=1), patches[~is_merged]])
+    unmerged = (~is_merged).nonzero()[:, 0]
+    sources = torch.cat([unmerged.new_zeros(1), torch.cat([index[merged_windows, -1], unmerged]) + 1])
+    merged_into = torch.zeros(grid * grid + 1, dtype=torch.long, device=patches.device)
+    merged_into[index[merged_windows] + 1] = torch.arange(1, num_merged + 1, device=patches.device)[:, None]
+    merged_into[unmerged + 1] = torch.arange(num_merged + 1, num_merged + 1 + len(unmerged), device=patches.device)
+    tokens = torch.cat([cls_token, windows[merged_windows].mean(dim=1), patches[~is_merged]])
+    return tokens, sources, merged_into
 
 
 def mustdrop_dual_filter(
@@ -304,7 +323,8 @@ def merge_least_attended(hidden_states: torch.Tensor, scores: torch.Tensor, num_
     iLLaVA's merge over candidates `hidden_states` `[n, d]` with `scores` `[n]`: the `num_merged + 1` lowest-scored
     become one token, written into the highest-scored of them, as a weighted mean whose weights run from
     `num_merged + 1` for the lowest-scored down to 1 for that survivor (so the least attended weighs most, as in the
-    released code; the paper does not spell the weights out). Returns the edited states and the keep mask.
+    released code; the paper does not spell the weights out). Returns the edited states, the keep mask and the index
+    of the survivor.
     """
     lowest = scores.topk(num_merged + 1, largest=False).indices  # ascending: the least attended first
     weights = torch.arange(num_merged + 1, 0, -1, device=hidden_states.device, dtype=torch.float32)
@@ -313,7 +333,7 @@ def merge_least_attended(hidden_states: torch.Tensor, scores: torch.Tensor, num_
     edited[lowest[-1]] = merged.to(hidden_states.dtype)
     keep = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=hidden_states.device)
     keep[lowest[:-1]] = False
-    return edited, keep
+    return edited, keep, lowest[-1]
 
 
 def sparsevlm_raters(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -341,7 +361,7 @@ def dpc_knn_merge(tokens: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor
     SparseVLM's recycling: cluster `tokens` `[n, d]` with DPC-kNN into `num_clusters` and average each cluster. Density
     is exp(-mean squared distance to the `num_clusters` nearest tokens, self included), distances scaled by 1/sqrt(d);
     centres are the top tokens by density x distance to the nearest denser token; every token joins its nearest centre.
-    Returns the cluster means (in centre order) and the centre indices. Ties are common (a pair of mutual nearest
+    Returns the cluster means (in centre order), the centre indices and each token's cluster. Ties are common (a pair of mutual nearest
     neighbours has equal densities; with one cluster every density is 1): the released code breaks them with 1e-6 noise
     on the densities, here they fall to the lower index, so the result is deterministic.
     """
@@ -357,7 +377,7 @@ def dpc_knn_merge(tokens: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor
     sums = torch.zeros(num_clusters, tokens.shape[-1], dtype=torch.float32, device=tokens.device)
     sums.index_add_(0, assignment, tokens.float())
     counts = torch.bincount(assignment, minlength=num_clusters).float()[:, None]
-    return (sums / (counts + 1e-6)).to(tokens.dtype), centres
+    return (sums / (counts + 1e-6)).to(tokens.dtype), centres, assignment
 
 
 def most_square_grid(num_tokens: int, side: int) -> tuple[int, int]:
@@ -477,7 +497,11 @@ class TokenReductionStrategy:
         return layer(hidden_states, None)
 
     def on_vision_output(self, features: torch.Tensor, state: dict, model: nn.Module) -> torch.Tensor:
-        """The feature-layer states of one image (`[1, tokens, d]`, CLS first) to the projected tokens it enters with."""
+        """
+        The feature-layer states of one image (`[1, tokens, d]`, CLS first) to the projected tokens it enters with. A
+        reducing method also leaves in `state` the patch each token stands for (`"sources"`; -1: none, e.g. CLS) and,
+        per patch, the token it ended in (`"merged_into"`; -1: dropped), so the prompt records which patches it kept.
+        """
         return model.multi_modal_projector(self.patch_features(features))[0]
 
     def on_llm_layer(
@@ -723,7 +747,8 @@ class SparseVLM(TokenReductionStrategy):
         )
         rows, valid = run.attention_rows(layer_idx - 1, tokens, rater_mask)
         keep = torch.ones_like(tokens.image_mask)
-        recycled, recycled_positions = [], []
+        merged_into = torch.full_like(tokens.prompt_positions, -1)
+        recycled = []
         for row in range(keep.shape[0]):
             image_slots = tokens.image_mask[row].nonzero()[:, 0]
             relation = rows[row, valid[row]][:, image_slots].float()
@@ -736,8 +761,13 @@ class SparseVLM(TokenReductionStrategy):
             keep[row, image_slots[~is_kept]] = False
             dropped = (~is_kept).nonzero()[:, 0]
             candidates = dropped[relevance[dropped].topk(int(len(dropped) * 0.3) + 1).indices]
-            merged, centres = dpc_knn_merge(hidden_states[row, image_slots[candidates]], len(candidates) // 10 + 1)
-            recycled.append((row, merged, tokens.prompt_positions[row, image_slots[candidates[centres]]]))
+            clusters = dpc_knn_merge(hidden_states[row, image_slots[candidates]], len(candidates) // 10 + 1)
+            merged, centres, assignment = clusters
+            centre_positions = tokens.prompt_positions[row, image_slots[candidates[centres]]]
+            members = torch.ones_like(candidates, dtype=torch.bool)
+            members[centres] = False
+            merged_into[row, image_slots[candidates[members]]] = centre_positions[assignment[members]]
+            recycled.append((row, merged, centre_positions))
         if not recycled:
             return TokenSelection(keep)
         width = max(len(merged) for _, merged, _ in recycled)
@@ -746,7 +776,7 @@ class SparseVLM(TokenReductionStrategy):
         for row, merged, positions in recycled:
             inserted[row, : len(merged)] = merged
             inserted_positions[row, : len(merged)] = positions
-        return TokenSelection(keep, inserted=inserted, inserted_positions=inserted_positions)
+        return TokenSelection(keep, inserted=inserted, inserted_positions=inserted_positions, merged_into=merged_into)
 
 
 @dataclass
@@ -802,10 +832,11 @@ class VisionZip(TokenReductionStrategy):
         return layer(hidden_states, None)
 
     def on_vision_output(self, features, state, model) -> torch.Tensor:
-        tokens, dominant = visionzip_tokens(
+        tokens, sources, merged_into = visionzip_tokens(
             features[0], state["cls_attention"], state["keys"], self.options.dominant, self.options.contextual
         )
-        state["selected_patches"] = dominant
+        state["sources"], state["merged_into"] = sources - 1, merged_into[1:]
+        state["selected_patches"] = sources[1 : self.options.dominant] - 1
         return model.multi_modal_projector(tokens[None])[0]
 
 
@@ -834,6 +865,13 @@ class TokensEnteringLLM(TokenReductionStrategy):
     def planned_visual_tokens(self, num_image_tokens: int) -> list[int]:
         return [num_image_tokens // self.num_patches * self.options.kept] * self.num_layers
 
+    def select_patches(self, features: torch.Tensor, selected: torch.Tensor, state: dict, model: nn.Module):
+        """The projected tokens of the `selected` patches (ascending), which the prompt then records as kept."""
+        state["selected_patches"] = state["sources"] = selected
+        state["merged_into"] = torch.full((self.num_patches,), -1, dtype=torch.long, device=selected.device)
+        state["merged_into"][selected] = torch.arange(len(selected), device=selected.device)
+        return model.multi_modal_projector(self.patch_features(features)[:, selected])[0]
+
 
 class FasterVLM(TokensEnteringLLM):
     """
@@ -855,8 +893,7 @@ class FasterVLM(TokensEnteringLLM):
 
     def on_vision_output(self, features, state, model) -> torch.Tensor:
         selected = state["cls_attention"][1:].topk(self.options.kept).indices.sort().values
-        state["selected_patches"] = selected
-        return model.multi_modal_projector(self.patch_features(features)[:, selected])[0]
+        return self.select_patches(features, selected, state, model)
 
 
 @dataclass
@@ -883,9 +920,7 @@ class RandomPruning(TokensEnteringLLM):
         if self.options.seed is not None:
             generator = torch.Generator(device=features.device).manual_seed(self.options.seed)
         order = torch.randperm(self.num_patches, generator=generator, device=features.device)
-        selected = order[: self.options.kept].sort().values
-        state["selected_patches"] = selected
-        return model.multi_modal_projector(self.patch_features(features)[:, selected])[0]
+        return self.select_patches(features, order[: self.options.kept].sort().values, state, model)
 
 
 @dataclass
@@ -920,6 +955,19 @@ class SpatialPooling(TokensEnteringLLM):
         projected = model.multi_modal_projector(self.patch_features(features))[0]
         grid = projected.T.reshape(1, -1, self.grid, self.grid)
         pooled = nn.functional.adaptive_avg_pool2d(grid.float(), self.options.grid).to(projected.dtype)
+        # The windows adaptive pooling averages; a token stands for its window's first patch, a patch joins the first
+        # window that covers it.
+        height, width = self.options.grid
+        rows = [(i * self.grid // height, -(-(i + 1) * self.grid // height)) for i in range(height)]
+        columns = [(j * self.grid // width, -(-(j + 1) * self.grid // width)) for j in range(width)]
+        windows = [(row, column) for row in rows for column in columns]
+        merged_into = torch.full((self.grid, self.grid), -1, dtype=torch.long)
+        for token, ((top, bottom), (left, right)) in enumerate(windows):
+            window = merged_into[top:bottom, left:right]
+            window[window < 0] = token
+        sources = [top * self.grid + left for (top, _), (left, _) in windows]
+        state["sources"] = torch.tensor(sources, device=features.device)
+        state["merged_into"] = merged_into.flatten().to(features.device)
         return pooled.flatten(2)[0].T
 
 
@@ -990,23 +1038,31 @@ class ILLaVA(LayerAverageBudget):
         received = vision_attention_received(layer, hidden_states)[0]
         attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=None)
         hidden_states = hidden_states + attended
-        patches, keep = merge_least_attended(hidden_states[0, 1:], received[1:], self.options.vit_merges)
+        patches, keep, survivor = merge_least_attended(hidden_states[0, 1:], received[1:], self.options.vit_merges)
         hidden_states = torch.cat([hidden_states[:, :1], patches[keep][None]], dim=1)
+        # Which patch each remaining token is, and which token each patch now lives in.
+        if "sources" not in state:
+            state["sources"] = state["merged_into"] = torch.arange(self.num_patches, device=keep.device)
+        owner = torch.where(keep[state["merged_into"]], state["merged_into"], survivor)
+        state["merged_into"] = (keep.long().cumsum(dim=0) - 1)[owner]
+        state["sources"] = state["sources"][keep]
         return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
     def on_llm_layer(self, layer_idx, hidden_states, tokens, run) -> TokenSelection:
         scores = run.last_token_attention(layer_idx - 1, tokens)
         keep, edited = torch.ones_like(tokens.image_mask), hidden_states.clone()
+        merged_into = torch.full_like(tokens.prompt_positions, -1)
         for row, kept in enumerate(self.kept):
             image_slots = tokens.image_mask[row].nonzero()[:, 0]
             if kept >= len(image_slots):
                 continue
-            merged, row_keep = merge_least_attended(
+            merged, row_keep, survivor = merge_least_attended(
                 hidden_states[row, image_slots], scores[row, image_slots], len(image_slots) - kept
             )
             edited[row, image_slots] = merged
             keep[row, image_slots] = row_keep
-        return TokenSelection(keep, hidden_states=edited, positions="preserve")
+            merged_into[row, image_slots[~row_keep]] = tokens.prompt_positions[row, image_slots[survivor]]
+        return TokenSelection(keep, hidden_states=edited, positions="preserve", merged_into=merged_into)
 
 
 @dataclass
@@ -1081,9 +1137,10 @@ class MustDrop(TokenReductionStrategy):
             state["key_set"] = attention.topk(num_key).indices
         hidden_states = layer(hidden_states, None)
         if layer_idx == self.options.merge_layer:
-            merged = mustdrop_window_merge(
+            merged, sources, merged_into = mustdrop_window_merge(
                 hidden_states[0], self.grid, self.options.window, self.options.similarity_threshold
             )
+            state["sources"], state["merged_into"] = sources[1:] - 1, merged_into[1:] - 1
             hidden_states = merged[None]
         return hidden_states
 
@@ -1190,6 +1247,7 @@ class PrefillRun:
         self.caller_position_ids = position_ids
         self.layer_kwargs = kwargs
         self.layout: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.merged_into_positions: torch.Tensor | None = None
         self.prompt_image_mask: torch.Tensor | None = None
         self.image_states: list[dict] = []
         self.image_token_counts: list[list[int]] = []
@@ -1210,22 +1268,32 @@ class PrefillRun:
             return input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
         if pixel_values is None:
             raise ValueError(f"token_reduction={self.strategy.name!r} reduces the images and needs pixel_values.")
+        if self.strategy.select_strategy != "default":
+            raise ValueError(
+                f"token_reduction={self.strategy.name!r} reduces the patches LLaVA's 'default' feature selection "
+                f"passes on; got vision_feature_select_strategy={self.strategy.select_strategy!r}."
+            )
         features = self.encode_images(pixel_values)
-        per_image = self.strategy.num_patches + (self.strategy.select_strategy != "default")
-        if int(self.prompt_image_mask.sum()) != per_image * len(features):
+        per_image = self.strategy.num_patches
+        image_mask = self.prompt_image_mask
+        if int(image_mask.sum()) != per_image * len(features):
             raise ValueError(
                 f"Image features and image tokens do not match: {len(features)} images need {per_image} image tokens "
-                f"each, the prompt has {int(self.prompt_image_mask.sum())}."
+                f"each, the prompt has {int(image_mask.sum())}."
             )
-        counts = torch.tensor([len(feature) for feature in features], device=self.prompt_image_mask.device)
-        ordinal = self.prompt_image_mask.flatten().cumsum(0).view_as(self.prompt_image_mask) - 1
-        image_of = (ordinal // per_image).clamp(max=len(features) - 1)
-        keep = ~self.prompt_image_mask | (ordinal % per_image < counts[image_of])
-        slots = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-        index, padding = left_padded_order(slots, keep)
+        # Each image token of the prompt is a patch's placeholder: a reduced token takes the placeholder of the patch it
+        # stands for (so the prompt positions a layer keeps name patches), in the order of the reduced tokens.
+        token_at, merged_at = self.placeholder_tokens(features, per_image)
+        position = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)
+        first_placeholder = position - (image_mask.flatten().cumsum(0).view_as(image_mask) - 1) % per_image
+        grid_token_at = torch.full_like(position, -1).masked_scatter(image_mask, token_at)
+        keep = ~image_mask | (grid_token_at >= 0)
+        index, padding = left_padded_order(torch.where(image_mask, first_placeholder + grid_token_at, position), keep)
         self.layout = (index, padding)
-        images_per_row = (self.prompt_image_mask.sum(dim=1) // per_image).tolist()
-        image_counts, start = counts.tolist(), 0
+        merged_into = torch.where(merged_at >= 0, first_placeholder[image_mask] + merged_at, -1)
+        self.merged_into_positions = torch.full_like(position, -1).masked_scatter(image_mask, merged_into)
+        images_per_row = (image_mask.sum(dim=1) // per_image).tolist()
+        image_counts, start = [len(feature) for feature in features], 0
         for num_images in images_per_row:
             self.image_token_counts.append(image_counts[start : start + num_images])
             start += num_images
@@ -1235,6 +1303,28 @@ class PrefillRun:
         else:
             inputs_embeds = gather_slots(inputs_embeds, index).masked_fill(padding[..., None], 0)
         return input_ids, inputs_embeds, None, {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+    def placeholder_tokens(self, features: list[torch.Tensor], per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Over the placeholders of all images (`[images * per_image]`): the index of the reduced token standing at each
+        (-1: none), and the placeholder (within its image) of the token a merged patch joined (-1: none, or itself).
+        A token that stands for no patch (VisionZip's CLS) takes the first placeholder no other token stands for.
+        """
+        token_at, merged_at = [], []
+        for feature, state in zip(features, self.image_states):
+            device = feature.device
+            sources = state.get("sources", torch.arange(len(feature), device=device)).clone()
+            free = torch.ones(per_image, dtype=torch.bool, device=device)
+            free[sources[sources >= 0]] = False
+            sources[sources < 0] = free.nonzero()[: int((sources < 0).sum()), 0]
+            at = torch.full((per_image,), -1, dtype=torch.long, device=device)
+            at[sources] = torch.arange(len(sources), device=device)
+            merged = state.get("merged_into", at)
+            target = torch.where(merged >= 0, sources[merged.clamp(min=0)], -1)
+            placeholders = torch.arange(per_image, device=device)
+            token_at.append(at)
+            merged_at.append(torch.where(target == placeholders, -1, target))
+        return torch.cat(token_at), torch.cat(merged_at)
 
     def placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         image_token_id = self.model.config.image_token_id
@@ -1274,6 +1364,9 @@ class PrefillRun:
         """
         cache, strategy = self.cache, self.strategy
         batch_size, seq_length = self.prompt_image_mask.shape
+        cache.prompt_length, cache.prompt_image_mask = seq_length, self.prompt_image_mask
+        cache.group_starts = strategy.group_starts()
+        cache.kept_prompt_positions, cache.position_shifts, cache.merged_into_positions = {}, {}, {}
         device = inputs_embeds.device
         self.active = image_token_mask is not None
         if self.attention_mask is None and batch_size > 1 and self.active and not isinstance(strategy, NoReduction):
@@ -1307,11 +1400,9 @@ class PrefillRun:
             )
             cache.kept_prompt_positions[0] = self.tokens.prompt_positions
             cache.position_shifts[0] = self.tokens.position_shift
+            cache.merged_into_positions[0] = self.merged_into_positions
         self.reduced = self.layout is not None
         self.rotary_emb = rotary_emb
-        cache.prompt_length = seq_length
-        cache.prompt_image_mask = self.prompt_image_mask
-        cache.group_starts = strategy.group_starts()
         if self.active:
             strategy.prepare(inputs_embeds, self.tokens, self)
             for layer_idx in strategy.signal_layers:
@@ -1333,6 +1424,11 @@ class PrefillRun:
         if self.active and group_start > 0 and group_start in self.strategy.llm_layers:
             selection = self.strategy.on_llm_layer(group_start, hidden_states, tokens, self)
             if selection is not None:
+                if selection.merged_into is not None:
+                    merged_into = torch.full_like(self.prompt_image_mask, -1, dtype=torch.long)
+                    slots = tokens.prompt_positions >= 0
+                    merged_into[slots.nonzero()[:, 0], tokens.prompt_positions[slots]] = selection.merged_into[slots]
+                    self.cache.merged_into_positions[group_start] = merged_into
                 hidden_states, tokens = apply_selection(
                     hidden_states, tokens, selection, self.strategy.position_policy, self.rotary_emb, self.next_positions
                 )

@@ -148,14 +148,27 @@ def text_embeddings(llava, ids):
 
 
 @torch.no_grad()
-def prompt_with_features(llava, ids, features: torch.Tensor) -> Sequence:
-    """The prompt with its image placeholders cut to the features' count, features in place, compact positions."""
+def prompt_with_features(llava, ids, features: torch.Tensor, sources: list[int] | None = None) -> Sequence:
+    """
+    The prompt with the reduced image tokens in place of the placeholders (compact positions); a token's prompt position
+    is the placeholder of the patch `sources` says it stands for (default: the first placeholders).
+    """
     image_slots = (ids[0] == IMAGE_TOKEN_ID).nonzero()[:, 0].tolist()
-    kept = [i for i in range(ids.shape[1]) if i not in image_slots or i in image_slots[: len(features)]]
+    sources = list(range(len(features))) if sources is None else sources
+    before, after = list(range(image_slots[0])), list(range(image_slots[-1] + 1, ids.shape[1]))
+    kept = before + [image_slots[source] for source in sources] + after
     hidden = text_embeddings(llava, ids[:, kept]).clone()
-    is_image = [i in image_slots for i in kept]
+    is_image = [False] * len(before) + [True] * len(sources) + [False] * len(after)
     hidden[0, torch.tensor(is_image)] = features
     return Sequence(hidden, range(len(kept)), kept, is_image)
+
+
+def image_records(cache, ids) -> tuple[list[int], dict[int, int]]:
+    """From the cache: the patches layer 0 holds, in order, and which patch each merged patch joined."""
+    first = int((ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
+    kept = [p - first for p in kept_positions(cache, 0) if first <= p < first + NUM_PATCHES]
+    merged = cache.merged_into_positions[0][0].tolist()[first : first + NUM_PATCHES]
+    return kept, {patch: target - first for patch, target in enumerate(merged) if target >= 0}
 
 
 @torch.no_grad()
@@ -247,7 +260,7 @@ def reference_dpc_merge(tokens: torch.Tensor, num_clusters: int):
     for i in range(n):
         if i not in centres:
             members[min(centres, key=lambda c: distance[c][i])].append(i)
-    return [(tokens[members[c]].sum(dim=0) / (len(members[c]) + 1e-6), c) for c in centres]
+    return [(tokens[members[c]].sum(dim=0) / (len(members[c]) + 1e-6), c, members[c]) for c in centres]
 
 
 def test_sparsevlm_matches_the_rater_rank_rule_and_recycling():
@@ -258,7 +271,7 @@ def test_sparsevlm_matches_the_rater_rank_rule_and_recycling():
     image, text = sequence.image_indices(), sequence.after_image()
     shares = (sequence.hidden[0, image] @ sequence.hidden[0, text].T).softmax(dim=-1).mean(dim=0)
     raters = {sequence.prompt_positions[text[i]] for i in range(len(text)) if shares[i] > shares.mean()}
-    recycled_counts = []
+    joined = []  # per recycling: each recycled token's prompt position -> its cluster centre's
 
     def sparsevlm(sequence, weights):
         attention = weights.mean(dim=0)
@@ -275,9 +288,10 @@ def test_sparsevlm_matches_the_rater_rank_rule_and_recycling():
         dropped = [j for j in range(len(image)) if j not in kept]
         candidates = sorted(dropped, key=lambda j: -float(relevance[j]))[: int(len(dropped) * 0.3) + 1]
         merged = reference_dpc_merge(sequence.hidden[0, [image[j] for j in candidates]], len(candidates) // 10 + 1)
-        recycled_counts.append(len(merged))
-        new = [("new", token, sequence.prompt_positions[image[candidates[c]]]) for token, c in merged]
-        before = [i for i in range(image[0]) if i < image[0]]
+        position = [sequence.prompt_positions[image[j]] for j in candidates]
+        new = [("new", token, position[c]) for token, c, _ in merged]
+        joined.append({position[m]: position[c] for _, c, members in merged for m in members if m != c})
+        before = list(range(image[0]))
         after = list(range(image[-1] + 1, len(sequence.is_image)))
         return sequence.select(before + [image[j] for j in kept] + new + after)
 
@@ -286,7 +300,12 @@ def test_sparsevlm_matches_the_rater_rank_rule_and_recycling():
     cache = out.past_key_values
     for layer in options["layers"]:
         assert kept_positions(cache, layer + 1) == stages[layer + 1]
-    assert recycled_counts and len(stages[2]) < ids.shape[1]  # it pruned and recycled
+    assert joined and len(stages[2]) < ids.shape[1]  # it pruned and recycled
+    recorded = [
+        {position: target for position, target in enumerate(merged[0].tolist()) if target >= 0}
+        for _, merged in sorted(cache.merged_into_positions.items())
+    ]
+    assert recorded == joined
     assert_close(out.logits[0, -1], expected_logits)
 
 
@@ -307,11 +326,13 @@ def visionzip_reference(llava, pixels, dominant: int, contextual: int):
     for i in rest:
         if i not in targets:
             joined[max(targets, key=lambda t: float(unit[i] @ unit[t]))].append(i)
-    contextual_tokens = [
-        features[t] + (features[joined[t]].mean(dim=0) if joined[t] else 0) for t in targets
-    ]
+    contextual_tokens = [features[t] + (features[joined[t]].mean(dim=0) if joined[t] else 0) for t in targets]
     tokens = torch.cat([features[dominant_tokens], torch.stack(contextual_tokens)])
-    return project(llava, tokens), top
+    # CLS stands for no patch: it takes the first placeholder no other token stands for.
+    taken = top + [t - 1 for t in targets]
+    sources = [min(set(range(NUM_PATCHES)) - set(taken))] + taken
+    merged = {i - 1: t - 1 for t in targets for i in joined[t]}
+    return project(llava, tokens), top, sources, merged
 
 
 def test_visionzip_dominant_and_contextual_tokens():
@@ -321,9 +342,10 @@ def test_visionzip_dominant_and_contextual_tokens():
     settings = out.past_key_values.token_reduction_report.settings
     assert (settings["dominant"], settings["contextual"]) == (8, 2)  # 10 in the 54:10 ratio
     with torch.no_grad():
-        expected, dominant = visionzip_reference(llava, pixels, 8, 2)
-        expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected), {})
+        expected, dominant, sources, merged = visionzip_reference(llava, pixels, 8, 2)
+        expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected, sources), {})
     assert out.past_key_values.token_reduction_report.selected_patches[0].tolist() == dominant
+    assert image_records(out.past_key_values, ids) == (sources, merged)
     assert_close(out.image_hidden_states, expected)
     assert_close(out.logits[0, -1], expected_logits)
 
@@ -337,8 +359,9 @@ def test_fastervlm_keeps_the_top_cls_attention_patches():
         scores = attentions[FEATURE_LAYER][:, 0, 1:].mean(dim=0)
         top = sorted(sorted(range(NUM_PATCHES), key=lambda j: -float(scores[j]))[:9])
         expected = project(llava, inputs[FEATURE_LAYER + 1][0, 1:][top])
-        expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected), {})
+        expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected, top), {})
     assert out.past_key_values.token_reduction_report.selected_patches[0].tolist() == top
+    assert image_records(out.past_key_values, ids) == (top, {})
     assert_close(out.image_hidden_states, expected)
     assert_close(out.logits[0, -1], expected_logits)
 
@@ -350,7 +373,7 @@ def reference_least_attended_merge(hidden: torch.Tensor, scores, candidates: lis
     merged = (weights[:, None] * hidden[lowest]).sum(dim=0) / weights.sum()
     hidden = hidden.clone()
     hidden[lowest[-1]] = merged
-    return hidden, [i for i in range(hidden.shape[0]) if i not in lowest[:-1]]
+    return hidden, [i for i in range(hidden.shape[0]) if i not in lowest[:-1]], lowest[-1]
 
 
 def test_illava_merges_in_the_encoder_and_at_layer_k():
@@ -359,15 +382,24 @@ def test_illava_merges_in_the_encoder_and_at_layer_k():
     options = OPTIONS["illava"]["token_reduction_options"]
     kept = OPTIONS["illava"]["num_kept_visual_tokens"]
 
+    patch_of = list(range(NUM_PATCHES))  # the patch each remaining patch token is
+    joined = {}  # merged patch -> the patch whose token it ended in
+
     def vit_merge(hidden, weights):
         received = weights.mean(dim=0).mean(dim=0)
-        merged, keep = reference_least_attended_merge(hidden[0], received, list(range(1, hidden.shape[1])), 4)
+        merged, keep, survivor = reference_least_attended_merge(hidden[0], received, list(range(1, hidden.shape[1])), 4)
+        for token in range(1, hidden.shape[1]):
+            if token not in keep:
+                gone = patch_of[token - 1]
+                for patch in [gone] + [p for p, target in joined.items() if target == gone]:
+                    joined[patch] = patch_of[survivor - 1]
+        patch_of[:] = [patch_of[token - 1] for token in keep[1:]]
         return merged[keep][None]
 
     def llm_merge(sequence, weights):
         scores = weights.mean(dim=0)[-1]
         image = sequence.image_indices()
-        merged, keep = reference_least_attended_merge(sequence.hidden[0], scores, image, len(image) - kept)
+        merged, keep, _ = reference_least_attended_merge(sequence.hidden[0], scores, image, len(image) - kept)
         sequence.hidden = merged[None]
         return sequence.select(keep, compact=False)
 
@@ -375,10 +407,11 @@ def test_illava_merges_in_the_encoder_and_at_layer_k():
         inputs, _ = eager_vision(llava, pixels, inside_layer={layer: vit_merge for layer in options["vit_layers"]})
         features = project(llava, inputs[FEATURE_LAYER + 1][0, 1:])
         expected_logits, stages = reference_prefill(
-            llava, prompt_with_features(llava, ids, features), {options["llm_layer"] - 1: llm_merge}
+            llava, prompt_with_features(llava, ids, features, patch_of), {options["llm_layer"] - 1: llm_merge}
         )
     out = run_method(model, "illava", ids, pixels)
     assert out.image_hidden_states.shape[0] == NUM_PATCHES - 2 * 4
+    assert image_records(out.past_key_values, ids) == (patch_of, joined)
     assert_close(out.image_hidden_states, features)
     assert kept_positions(out.past_key_values, options["llm_layer"]) == stages[options["llm_layer"]]
     assert_close(out.logits[0, -1], expected_logits)
@@ -397,15 +430,19 @@ def mustdrop_vision_reference(llava, pixels, threshold: float):
                 windows.append(((similarity.sum() - similarity.trace()) / 12, members))
         chosen = sorted([w for w in windows if w[0] >= threshold], key=lambda w: -float(w[0]))
         merged_members = {m for _, members in chosen for m in members}
+        rest = [i for i in range(NUM_PATCHES) if i not in merged_members]
+        # A merged window stands for its bottom-right patch, where the released code writes the mean.
+        sources[:] = [members[-1] for _, members in chosen] + rest
+        joined.update({m: members[-1] for _, members in chosen for m in members[:-1]})
         merged = [patches[members].mean(dim=0) for _, members in chosen]
-        rest = [patches[i] for i in range(NUM_PATCHES) if i not in merged_members]
-        return torch.stack([cls_token, *merged, *rest])[None]
+        return torch.stack([cls_token, *merged, *patches[rest]])[None]
 
+    sources, joined = [], {}
     inputs, attentions = eager_vision(llava, pixels, after_layer={0: window_merge})
     cls_attention = attentions[-1].mean(dim=0)[0, 1:]
     num_key = math.ceil(0.08 * cls_attention.shape[0])
     key_set = sorted(range(cls_attention.shape[0]), key=lambda j: -float(cls_attention[j]))[:num_key]
-    return project(llava, inputs[FEATURE_LAYER + 1][0, 1:]), key_set
+    return project(llava, inputs[FEATURE_LAYER + 1][0, 1:]), key_set, sources, joined
 
 
 def test_mustdrop_window_merge_key_set_dual_filter_and_cache_trim():
@@ -419,8 +456,8 @@ def test_mustdrop_window_merge_key_set_dual_filter_and_cache_trim():
         similarity = unit @ unit.transpose(1, 2)
         window_similarity = ((similarity.sum((1, 2)) - 4) / 12).sort().values
         options["similarity_threshold"] = float(window_similarity[3:5].mean())  # between the 4th and 5th: merges 5
-        features, key_set = mustdrop_vision_reference(llava, pixels, options["similarity_threshold"])
-    sequence = prompt_with_features(llava, ids, features)
+        features, key_set, sources, joined = mustdrop_vision_reference(llava, pixels, options["similarity_threshold"])
+    sequence = prompt_with_features(llava, ids, features, sources)
     key_positions = {sequence.prompt_positions[sequence.image_indices()[j]] for j in key_set}
     dropped_any = []
 
@@ -452,6 +489,7 @@ def test_mustdrop_window_merge_key_set_dual_filter_and_cache_trim():
     assert_close(out.image_hidden_states, features)
     assert_close(out.logits[0, -1], expected_logits)
     cache = out.past_key_values
+    assert image_records(cache, ids) == (sources, joined)
     # After the prefill, layers from the first pruning layer on all hold the final set (the KV trim).
     final = stages[options["layers"][-1] + 1]
     first = options["layers"][0]
@@ -468,14 +506,18 @@ def test_random_and_pooling_at_the_vision_output():
     out = run_method(model, "random", ids, pixels)
     chosen = torch.randperm(NUM_PATCHES, generator=torch.Generator().manual_seed(3))[:8].sort().values
     assert torch.equal(out.past_key_values.token_reduction_report.selected_patches[0], chosen)
+    assert image_records(out.past_key_values, ids) == (chosen.tolist(), {})
     assert_close(out.image_hidden_states, patches[chosen])
 
     out = run_method(model, "pooling", ids, pixels)  # 6 tokens: a 2 x 3 grid of 3 x 2 windows
     grid = patches.view(GRID, GRID, -1)
     expected = torch.stack([grid[r : r + 3, c : c + 2].mean(dim=(0, 1)) for r in (0, 3) for c in (0, 2, 4)])
     assert_close(out.image_hidden_states, expected)
+    sources = [r * GRID + c for r in (0, 3) for c in (0, 2, 4)]  # each window's first patch
+    joined = {r * GRID + c: (r // 3 * 3) * GRID + c // 2 * 2 for r in range(GRID) for c in range(GRID)}
+    assert image_records(out.past_key_values, ids) == (sources, {p: t for p, t in joined.items() if p != t})
     with torch.no_grad():
-        expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected), {})
+        expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected, sources), {})
     assert_close(out.logits[0, -1], expected_logits)
 
 
