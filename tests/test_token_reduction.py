@@ -13,7 +13,11 @@ from torch import nn
 from tiny_models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_CONFIG, llava_with_same_base, text_config, tiny_twigvlm
 from twigvlm import TwigVLMConfig
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
-from twigvlm.token_reduction_twigvlm import TOKEN_REDUCTION_STRATEGIES, build_token_reduction
+from twigvlm.token_reduction_twigvlm import (
+    TOKEN_REDUCTION_STRATEGIES,
+    TokenReductionStrategy,
+    build_token_reduction,
+)
 
 
 IMAGE_SIZE, GRID = 84, 6  # 6 x 6 patches of 14 pixels
@@ -226,6 +230,39 @@ def project(llava, features):
 
 def test_registry_matches_config():
     assert set(TOKEN_REDUCTION_STRATEGIES) == set(TOKEN_REDUCTIONS)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_rows_a_strategy_gets_are_the_layers_weights(attn_implementation, monkeypatch):
+    """A strategy's attention rows, computed from q/k whatever the backend, equal the eager layer's full weights."""
+    recorded = {}
+
+    class RecordRows(TokenReductionStrategy):
+        name = "fastv"  # stands in for a registered method
+        acts_at, budget_meaning = "LLM layer 3", "none"
+
+        def configure(self, visual_token_budget, num_kept_visual_tokens):
+            self.llm_layers, self.signal_layers = (3,), (2,)
+
+        def on_llm_layer(self, layer_idx, hidden_states, tokens, run):
+            recorded["rows"], recorded["valid"] = run.attention_rows(2, tokens, tokens.real_mask)
+            recorded["last"] = run.last_token_attention(2, tokens)
+
+    monkeypatch.setitem(TOKEN_REDUCTION_STRATEGIES, "fastv", RecordRows)
+    model, llava = model_and_reference(attn_implementation)
+    ids, pixels = prompt(), images()
+    weights = {}
+
+    def keep_weights(sequence, layer_weights):
+        weights["layer 2"] = layer_weights.mean(dim=0)
+        return sequence
+
+    with torch.no_grad():
+        reference_prefill(llava, full_prompt(llava, ids, pixels), {2: keep_weights})
+        model(input_ids=ids, pixel_values=pixels, token_reduction="fastv")
+    assert recorded["valid"].all()
+    assert_close(recorded["rows"][0], weights["layer 2"], 1e-5)
+    assert_close(recorded["last"][0], weights["layer 2"][-1], 1e-5)
 
 
 def test_fastv_keeps_the_top_of_layer_k_minus_1_last_row():
