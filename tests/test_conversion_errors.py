@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 from conversion_checkpoints import TWIG_OPTIONS, raw_tensors, write_original
 from twigvlm.conversion import build
@@ -92,3 +93,12 @@ def test_help_explains_every_option():
     for name, command in commands.items():
         for action in command._actions:
             assert action.help and len(action.help) > 15, (name, action.dest)
+
+
+@pytest.mark.skipif(is_sentencepiece_available() and is_protobuf_available(), reason="sentencepiece is installed")
+def test_sentencepiece_only_tokenizer_says_what_to_install(tmp_path, capsys, released):
+    llava = released[0]
+    (llava / "tokenizer.json").unlink()
+    (llava / "tokenizer.model").write_bytes(b"\x0a\x00")  # what the release ships: a sentencepiece model only
+    error = convert_fails(tmp_path, capsys, *released)
+    assert "pip install sentencepiece protobuf" in error and "--tokenizer" in error
