@@ -20,6 +20,7 @@ from .layouts import (
     AUTHORS_TWIG_LAYOUT,
     CLIP_LAYOUT,
     ORIGINAL_LLAVA_LAYOUT,
+    Layout,
     count_twig_layers,
     grown_twig_source,
     is_original_llava,
@@ -142,9 +143,8 @@ def build_processor(tokenizer_source: Source, image_processor_folder: Path, conf
     return processor
 
 
-def complete_plan(
-    config: TwigVLMConfig, inputs: list[tuple[Checkpoint, object]], grow: bool
-) -> dict[str, PlannedTensor]:
+def complete_plan(config: TwigVLMConfig, inputs: list[tuple[Checkpoint, Layout]], grow: bool) -> dict[str, PlannedTensor]:
+    """The whole output: the inputs' tensors, plus (growing) the twig copied from the base; checked complete."""
     expected = expected_shapes(TwigVLMForConditionalGeneration, config)
     plan = plan_tensors(expected, inputs)
     if grow:
@@ -192,7 +192,7 @@ def load_original(
         tensors=plan,
         processor=build_processor(tokenizer or llava, vision_tower.folder, config),
         token_ids=token_ids(llava.folder, original),
-        source_dtype=llava_checkpoint.load("model.embed_tokens.weight").dtype,
+        source_dtype=llava_checkpoint.load("lm_head.weight").dtype,
         sources=[llava, vision_tower] + ([options.twig] if options.twig else []) + ([tokenizer] if tokenizer else []),
         base_model=hub_id(llava) or options.preset_for(num_layers).get("base_model"),
         base_description=f"LLaVA-1.5 ({num_layers} layers) with the {vision_tower.spec} vision tower",
@@ -209,13 +209,12 @@ def load_llava_hf(llava: Source, options: TwigOptions, tokenizer: Source | None)
     num_layers = llava_config.text_config.num_hidden_layers
     config = config_from_llava_hf(llava_config, *options.resolve(num_layers, twig))
     plan = complete_plan(config, [(checkpoint, layout)] + ([(twig, AUTHORS_TWIG_LAYOUT)] if twig else []), twig is None)
-    embed = next(name for name, planned in plan.items() if name.endswith("embed_tokens.weight"))
     return ConversionInputs(
         config=config,
         tensors=plan,
         processor=build_processor(tokenizer or llava, llava.folder, config),
         token_ids=token_ids(llava.folder, llava_config.text_config.to_dict()),
-        source_dtype=checkpoint.load(plan[embed].source_name).dtype,
+        source_dtype=checkpoint.load(plan["lm_head.weight"].source_name).dtype,
         sources=[llava] + ([options.twig] if options.twig else []) + ([tokenizer] if tokenizer else []),
         base_model=hub_id(llava) or options.preset_for(num_layers).get("llava_hf_model"),
         base_description=f"LLaVA-1.5 in the llava-hf layout ({num_layers} layers)",
