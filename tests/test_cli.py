@@ -5,10 +5,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from twigvlm.app.cli import main
 from twigvlm.app.sample import SAMPLE_IMAGE_PATH, default_question, draw_sample_image
+from twigvlm.app.small_model import build_small_twigvlm
 
 
 GROUP_LINE = re.compile(r"^\s+layers\s+(\d+)-(\d+)\s+(\d+)$", re.MULTILINE)
@@ -115,3 +117,10 @@ def test_sample_image_is_the_drawing():
     """The bundled PNG is what `draw_sample_image` draws, so it can be remade from the code."""
     with Image.open(SAMPLE_IMAGE_PATH) as bundled:
         assert np.array_equal(np.asarray(bundled.convert("RGB")), np.asarray(draw_sample_image()))
+
+
+def test_small_model_is_deterministic_from_its_seed():
+    first, second, other = (build_small_twigvlm(seed)[0].state_dict() for seed in (0, 0, 1))
+    assert first.keys() == second.keys() == other.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["lm_head.weight"], other["lm_head.weight"])
