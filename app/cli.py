@@ -11,6 +11,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from .sample import SAMPLE_IMAGE_PATH, default_question
 from .small_model import build_small_twigvlm
+from .streamer import DraftMarkingStreamer
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument(
         "--no-pruning", action="store_true", help="Keep every visual token in every layer (token_reduction='none')."
     )
+    generation.add_argument(
+        "--no-speculative",
+        action="store_true",
+        help="Decode without self-speculative decoding (the twig drafting tokens that the full model verifies), "
+        "which TwigVLM checkpoints switch on by default. The answer is the same either way.",
+    )
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
@@ -123,6 +130,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def generate_kwargs(args: argparse.Namespace) -> dict:
     """The `generate` keyword arguments the options ask for; the rest are the checkpoint's generation defaults."""
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
+    if args.no_speculative:
+        kwargs["speculative_decoding"] = False
     if args.no_pruning:
         kwargs["token_reduction"] = "none"
     elif args.visual_token_budget is not None:
@@ -149,15 +158,27 @@ def load(source: str, args: argparse.Namespace):
 
 
 def answer(model, processor, image: Image.Image, question: str, kwargs: dict):
-    """Greedy answer to `question` in the checkpoint's chat format, and the visual tokens each layer group kept."""
+    """
+    Answer `question` greedily in the checkpoint's chat format, printing the answer as it is produced (accepted draft
+    tokens in colour on a terminal); returns the cache, which holds the kept-token counts and the drafting figures.
+    """
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device, dtype=model.dtype)
+    print("Answer: ", end="", flush=True)
     with torch.inference_mode():
-        outputs = model.generate(**inputs, **kwargs)
-    new_tokens = outputs.sequences[0, inputs["input_ids"].shape[1] :]
-    text = processor.decode(new_tokens, skip_special_tokens=True).strip()
-    return text, outputs.past_key_values.visual_token_counts
+        outputs = model.generate(**inputs, **kwargs, streamer=DraftMarkingStreamer(processor.tokenizer))
+    return outputs.past_key_values
+
+
+def format_speculation_stats(stats) -> str:
+    if stats is None:
+        return "Self-speculative decoding: off"
+    return (
+        f"Self-speculative decoding: {stats.rounds} rounds, {stats.drafted_tokens} tokens drafted, "
+        f"{stats.accepted_tokens} accepted ({stats.acceptance_rate:.0%}), "
+        f"{stats.mean_accepted_length:.2f} accepted per round"
+    )
 
 
 def format_visual_token_counts(counts: list[tuple[int, int, int]]) -> str:
@@ -175,13 +196,14 @@ def run(parser: argparse.ArgumentParser, source: str, args: argparse.Namespace, 
     except OSError as error:
         parser.error(f"cannot load {source}: {error}")
     print(f"Loaded {type(model).__name__} from {source} ({model.dtype}, {model.device}).", flush=True)
-    try:
-        text, counts = answer(model, processor, image, question, generate_kwargs(args))
-    except ValueError as error:  # what the model refuses, e.g. a budget this checkpoint cannot meet
-        parser.error(str(error))
     print(f"Question: {question}")
-    print(f"Answer: {text}")
-    print(format_visual_token_counts(counts), flush=True)
+    try:
+        cache = answer(model, processor, image, question, generate_kwargs(args))
+    except ValueError as error:  # what the model refuses, e.g. a budget this checkpoint cannot meet
+        print()
+        parser.error(str(error))
+    print(format_visual_token_counts(cache.visual_token_counts))
+    print(format_speculation_stats(cache.speculation_stats), flush=True)
 
 
 def run_small_model(

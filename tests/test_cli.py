@@ -124,3 +124,15 @@ def test_small_model_is_deterministic_from_its_seed():
     assert first.keys() == second.keys() == other.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert not torch.equal(first["lm_head.weight"], other["lm_head.weight"])
+
+
+def test_speculative_decoding_statistics_and_switch(capsys, saved_small_model):
+    argv = ["--model", str(saved_small_model), "--max-new-tokens", "8"]
+    output, speculative_answer, _ = run_program(capsys, *argv)
+    stats = re.search(r"^Self-speculative decoding: (\d+) rounds, (\d+) tokens drafted, (\d+) accepted", output, re.M)
+    assert stats is not None, output
+    rounds, drafted, accepted = map(int, stats.groups())
+    assert rounds >= 1 and drafted >= accepted >= 0
+    output, plain_answer, _ = run_program(capsys, *argv, "--no-speculative")
+    assert "Self-speculative decoding: off" in output
+    assert plain_answer == speculative_answer  # greedy answers do not depend on drafting
