@@ -10,9 +10,9 @@ from packaging.requirements import Requirement
 from transformers import GenerationConfig
 
 from twigvlm import TwigVLMConfig
+from twigvlm.hub_card import TEMPLATE
 
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "hub_card" / "README.md.jinja"
 DISTRIBUTION = "twigvlm-hf"
 TAGS = ["twigvlm", "llava", "custom_code", "token-pruning", "speculative-decoding"]
 
