@@ -110,7 +110,7 @@ class TwigTrainer(Trainer):
         model.distill_temperature = args.distill_temperature
         super().__init__(model=model, args=args, **kwargs)
         self.loss_parts: dict[str, torch.Tensor] = {}
-        self.loss_parts_logged_step = 0
+        self.loss_parts_micro_steps = 0
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -128,15 +128,17 @@ class TwigTrainer(Trainer):
             for name in ("ntp_loss", "distill_loss"):
                 part = outputs[name].detach() * self.accelerator.num_processes
                 self.loss_parts[name] = self.loss_parts.get(name, 0.0) + part
+            self.loss_parts_micro_steps += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """With distillation, the next-token and distillation losses are logged beside their sum."""
         if "loss" in logs and self.loss_parts:
-            steps = max(self.state.global_step - self.loss_parts_logged_step, 1)
+            # Each micro-batch holds its share of one step's loss: a step's loss sums its accumulated micro-batches.
+            steps = self.loss_parts_micro_steps / self.args.gradient_accumulation_steps
             for name, total in self.loss_parts.items():
                 logs[name] = self.accelerator.gather(total.reshape(1)).mean().item() / steps
-            self.loss_parts, self.loss_parts_logged_step = {}, self.state.global_step
+            self.loss_parts, self.loss_parts_micro_steps = {}, 0
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
