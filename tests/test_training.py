@@ -124,8 +124,13 @@ def trained(task, processor, tmp_path_factory):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     accuracy_after, _ = answer_accuracy(model, processor, image_folder, test_records)
     return dict(
-        trainer=trainer, model=model, before=before, losses=losses, chance=chance,
-        accuracy_before=accuracy_before, accuracy_after=accuracy_after,
+        trainer=trainer,
+        model=model,
+        before=before,
+        losses=losses,
+        chance=chance,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
     )
 
 
@@ -133,7 +138,9 @@ def test_grow_copies_base_layers_norm_and_head():
     model = training_model()
     k, base = model.config.twig_attach_layer, model.model.language_model
     for i, layer in enumerate(model.model.twig.layers):
-        for (name, twig_param), base_param in zip(layer.state_dict().items(), base.layers[k + i].state_dict().values()):
+        for (name, twig_param), base_param in zip(
+            layer.state_dict().items(), base.layers[k + i].state_dict().values()
+        ):
             assert torch.equal(twig_param, base_param), name
     assert torch.equal(model.model.twig.norm.weight, base.norm.weight)
     assert torch.equal(model.model.twig.lm_head.weight, model.lm_head.weight)
@@ -142,8 +149,8 @@ def test_grow_copies_base_layers_norm_and_head():
 def test_training_learns_the_task(trained):
     first, last = sum(trained["losses"][:10]) / 10, sum(trained["losses"][-10:]) / 10
     print(
-        f"\n{TRAIN_STEPS} steps, lr {LEARNING_RATE}: loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10); held-out "
-        f"answer accuracy {trained['accuracy_before']:.3f} -> {trained['accuracy_after']:.3f} (chance "
+        f"\n{TRAIN_STEPS} steps, lr {LEARNING_RATE}: loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10); "
+        f"held-out answer accuracy {trained['accuracy_before']:.3f} -> {trained['accuracy_after']:.3f} (chance "
         f"{trained['chance']:.3f})"
     )
     assert last < first / 5
@@ -260,8 +267,13 @@ def test_resume_equals_straight_run(task, processor, tmp_path):
     def run(output_dir, callbacks=(), resume=None):
         model = training_model()
         args = training_args(
-            output_dir, max_steps=2 * steps, per_device_train_batch_size=2, global_batch_size=4, logging_steps=1,
-            save_strategy="steps", save_steps=steps,
+            output_dir,
+            max_steps=2 * steps,
+            per_device_train_batch_size=2,
+            global_batch_size=4,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=steps,
         )
         trainer = TwigTrainer(
             model=model, args=args, train_dataset=dataset, data_collator=TwigDataCollator(0), callbacks=list(callbacks)
@@ -304,8 +316,27 @@ def test_labels_cover_the_assistant_answers_only(task, processor):
     assert tokens[start - 2 : start] == ["USER", ":"] and tokens.count("<image>") == NUM_IMAGE_TOKENS
     assert item["pixel_values"].shape == (3, 56, 56)
 
+    # As LLaVA: a leading assistant turn and a last unanswered question are dropped; the image may sit in a later turn.
+    record["conversations"] = (
+        [{"from": "gpt", "value": "no"}]
+        + record["conversations"][2:]
+        + record["conversations"][:2]
+        + [{"from": "human", "value": "what colour ?"}]
+    )
+    item = LlavaConversationDataset([record], processor, image_folder=image_folder)[0]
+    tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
+    assert [tokens[i] for i, label in enumerate(item["labels"].tolist()) if label != -100] == [
+        "yes",
+        "</s>",
+        "red",
+        "</s>",
+    ]
+    assert tokens[-1] == "</s>" and tokens.count("<image>") == NUM_IMAGE_TOKENS
+
     square = expand_to_square(Image.new("RGB", (60, 20), (255, 0, 0)), (1, 2, 3))
-    assert square.size == (60, 60) and square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((30, 30)) == (255, 0, 0)
+    assert (
+        square.size == (60, 60) and square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((30, 30)) == (255, 0, 0)
+    )
 
 
 def test_max_length_truncates_text_and_refuses_to_cut_the_image(task, processor):
@@ -320,7 +351,10 @@ def test_max_length_truncates_text_and_refuses_to_cut_the_image(task, processor)
 
 BAD_RECORDS = {
     "missing image file": (dict(image="absent.png"), "names image file 'absent.png', which is not in"),
-    "placeholder mismatch": (dict(drop_placeholder=True), r"has one image but <image> placeholders \[0, 0\]"),
+    "placeholder mismatch": (
+        dict(drop_placeholder=True),
+        r"has one image but 0 <image> placeholders \(per turn: \[0, 0\]\)",
+    ),
     "empty conversation": (dict(empty=True), "has an empty conversation"),
 }
 
@@ -388,8 +422,12 @@ def save_tiny_llava(folder: Path, legacy_layout: bool = False) -> LlavaForCondit
     llava.save_pretrained(folder)
     tiny_processor().save_pretrained(folder)
     if legacy_layout:
-        renames = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-                   "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
+        renames = {
+            "model.language_model.": "language_model.model.",
+            "lm_head.": "language_model.lm_head.",
+            "model.vision_tower.": "vision_tower.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+        }
         state = {}
         for name, tensor in llava.state_dict().items():
             old, new = next((old, new) for old, new in renames.items() if name.startswith(old))
@@ -408,7 +446,9 @@ def test_load_grows_a_twig_on_llava_hf_checkpoints(tmp_path, legacy_layout):
     expected = llava.state_dict()
     for name, tensor in base_state(model).items():
         assert torch.equal(tensor, expected[name]), name
-    assert torch.equal(model.model.twig.layers[0].mlp.up_proj.weight, model.model.language_model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(
+        model.model.twig.layers[0].mlp.up_proj.weight, model.model.language_model.layers[2].mlp.up_proj.weight
+    )
 
 
 def test_command_trains_and_writes_twig_authors_layout_and_full_model(task, tmp_path):
@@ -416,19 +456,50 @@ def test_command_trains_and_writes_twig_authors_layout_and_full_model(task, tmp_
     llava = save_tiny_llava(tmp_path / "llava")
     data = write_records(tmp_path / "data.json", records[:24])
     out = tmp_path / "out"
-    train_main([
-        "--model_name_or_path", str(tmp_path / "llava"), "--data_path", str(data), "--image_folder", str(image_folder),
-        "--output_dir", str(out), "--twig_attach_layer", "2", "--num_twig_layers", "2", "--final_wipe_layer", "6",
-        "--per_device_train_batch_size", "2", "--global_batch_size", "4", "--max_steps", "3", "--bf16", "False",
-        "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0", "--distill",
-        "--save_authors_layout", "--save_full_model", "--disable_tqdm", "True",
-    ])
+    train_main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "llava"),
+            "--data_path",
+            str(data),
+            "--image_folder",
+            str(image_folder),
+            "--output_dir",
+            str(out),
+            "--twig_attach_layer",
+            "2",
+            "--num_twig_layers",
+            "2",
+            "--final_wipe_layer",
+            "6",
+            "--per_device_train_batch_size",
+            "2",
+            "--global_batch_size",
+            "4",
+            "--max_steps",
+            "3",
+            "--bf16",
+            "False",
+            "--use_cpu",
+            "--save_strategy",
+            "no",
+            "--dataloader_num_workers",
+            "0",
+            "--distill",
+            "--save_authors_layout",
+            "--save_full_model",
+            "--disable_tqdm",
+            "True",
+        ]
+    )
     twig = safetensors.torch.load_file(out / "twig.safetensors")
     assert {name.split(".")[2] for name in twig} == {"layers", "norm", "lm_head"}
     authors = safetensors.torch.load_file(out / "twig_authors_layout" / "model.safetensors")
     assert set(authors) == {
-        name.replace("model.twig.layers.", "model.layers.").replace("model.twig.norm.", "model.norm.")
-        .replace("model.twig.lm_head.", "lm_head.") for name in twig
+        name.replace("model.twig.layers.", "model.layers.")
+        .replace("model.twig.norm.", "model.norm.")
+        .replace("model.twig.lm_head.", "lm_head.")
+        for name in twig
     }
     assert torch.equal(authors["lm_head.weight"], twig["model.twig.lm_head.weight"])
 
@@ -440,7 +511,9 @@ def test_command_trains_and_writes_twig_authors_layout_and_full_model(task, tmp_
     for name, tensor in twig.items():
         assert torch.equal(state[name], tensor), name
     assert not torch.equal(twig["model.twig.lm_head.weight"], llava.lm_head.weight)  # trained, not the grown copy
-    assert json.loads((out / "twigvlm" / "config.json").read_text())["architectures"] == ["TwigVLMForConditionalGeneration"]
+    assert json.loads((out / "twigvlm" / "config.json").read_text())["architectures"] == [
+        "TwigVLMForConditionalGeneration"
+    ]
 
 
 def test_example_launch_configs_parse():

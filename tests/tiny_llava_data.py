@@ -29,7 +29,7 @@ WORDS = (
 
 
 def tiny_processor() -> LlavaProcessor:
-    """LLaVA-1.5's processor shape (CLIP preprocessing, `<image>` expanded to the patch count) with a word vocabulary."""
+    """LLaVA-1.5's processor (CLIP preprocessing, `<image>` expanded to the patch count) with a word vocabulary."""
     words = ["<pad>", "<unk>", "<s>", "</s>", *dict.fromkeys(WORDS), *COLOURS, *NUMBERS]
     words += [f"<unused{i}>" for i in range(IMAGE_TOKEN_ID - len(words))] + ["<image>"]
     assert len(words) == VOCAB_SIZE and words.index("<image>") == IMAGE_TOKEN_ID

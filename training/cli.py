@@ -49,7 +49,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(metadata={"help": "LLaVA conversation JSON, e.g. llava_v1_5_mix665k.json."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are relative to."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the records' image paths are relative to."}
+    )
     max_length: int = field(default=2048, metadata={"help": "Tokens per record after image expansion (script: 2048)."})
     pad_to_square: bool = field(default=True, metadata={"help": "Pad images to a square first, as LLaVA-1.5 does."})
     skip_bad_records: bool = field(

@@ -1,4 +1,4 @@
-"""LLaVA instruction data (the llava_v1_5_mix665k.json format) for twig training, with LLaVA-1.5's vicuna_v1 template."""
+"""LLaVA instruction data (llava_v1_5_mix665k.json format) for twig training, in LLaVA-1.5's vicuna_v1 template."""
 
 import json
 import os
@@ -29,19 +29,28 @@ class BadRecordError(ValueError):
     """A training record that cannot be used; the message names it."""
 
 
+def answered_turns(turns: list) -> list:
+    """As LLaVA does, drop a leading assistant turn and a last question without answer: neither is supervised."""
+    start = 1 if turns and isinstance(turns[0], dict) and turns[0].get("from") == "gpt" else 0
+    end = len(turns) - (len(turns) - start) % 2
+    return turns[start:end]
+
+
 def record_problem(record: object, image_folder: str | None) -> tuple[str, str] | None:
     """What is wrong with one record of the LLaVA conversation format, as (kind, detail), or None when it is usable."""
     if not isinstance(record, dict):
         return "not a record", f"is a {type(record).__name__}, not an object"
     turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        return "empty conversation", "has an empty conversation"
+    if not isinstance(turns, list) or not answered_turns(turns):
+        return "empty conversation", "has an empty conversation (no question with its answer)"
+    turns = answered_turns(turns)
     for i, turn in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
-            return "ill-formed conversation", f"turn {i} is not a {expected!r} turn with a text value (turns alternate)"
-    if len(turns) % 2:
-        return "ill-formed conversation", "ends with a human turn that has no answer"
+            return (
+                "ill-formed conversation",
+                f"turn {i} is not a {expected!r} turn with a text value (turns alternate)",
+            )
     placeholders = [turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns]
     image = record.get("image")
     if image is None:
@@ -50,10 +59,10 @@ def record_problem(record: object, image_folder: str | None) -> tuple[str, str] 
         return None
     if not isinstance(image, str):
         return "placeholder mismatch", f"has an 'image' of type {type(image).__name__}; one image path is supported"
-    if placeholders != [1] + [0] * (len(turns) - 1):
+    if sum(placeholders) != 1 or sum(placeholders[1::2]):
         return "placeholder mismatch", (
-            f"has one image but {IMAGE_PLACEHOLDER} placeholders {placeholders} per turn; the first human turn must "
-            "hold exactly one"
+            f"has one image but {sum(placeholders)} {IMAGE_PLACEHOLDER} placeholders (per turn: {placeholders}); "
+            "exactly one, in a human turn, is expected"
         )
     if image_folder is None:
         return "missing image file", "has an image but no image folder was given"
@@ -140,8 +149,8 @@ class LlavaConversationDataset(Dataset):
         if self.skipped:
             counts = ", ".join(f"{kind}: {count}" for kind, count in self.skipped.most_common())
             logger.warning(
-                f"Skipped {self.num_skipped} of {len(records)} records as malformed ({counts}; first: {first_problem}); "
-                f"training on {len(self.records)}."
+                f"Skipped {self.num_skipped} of {len(records)} records as malformed ({counts}; "
+                f"first: {first_problem}); training on {len(self.records)}."
             )
         if not self.records:
             raise BadRecordError("No usable training record.")
@@ -154,7 +163,7 @@ class LlavaConversationDataset(Dataset):
         return len(self.records)
 
     def modality_lengths(self) -> tuple[list[int], list[bool]]:
-        """Word counts (cheap length estimates) and whether each record has an image, for grouping by modality length."""
+        """Word counts (cheap length estimates) and whether each record has an image, to group by modality length."""
         lengths = [sum(len(turn["value"].split()) for turn in record["conversations"]) for _, record in self.records]
         return lengths, ["image" in record for _, record in self.records]
 
@@ -166,13 +175,15 @@ class LlavaConversationDataset(Dataset):
             raise BadRecordError(f"Record {index} ({record_name(record)}): {error}") from error
 
     def encode(self, record: dict) -> dict[str, torch.Tensor]:
-        text, answer_spans = vicuna_v1_prompt(record["conversations"], self.tokenizer.eos_token)
+        text, answer_spans = vicuna_v1_prompt(answered_turns(record["conversations"]), self.tokenizer.eos_token)
         # Labels come from character offsets on the unexpanded text (one placeholder token), then follow the
         # processor's expansion of that token, so answers are found whatever the tokenizer merges.
         encoding = self.tokenizer(text, return_offsets_mapping=True)
         ids = encoding["input_ids"]
         labels = [
-            token if any(start < span_end and end > span_start for span_start, span_end in answer_spans) else IGNORE_INDEX
+            token
+            if any(start < span_end and end > span_start for span_start, span_end in answer_spans)
+            else IGNORE_INDEX
             for token, (start, end) in zip(ids, encoding["offset_mapping"])
         ]
         item = {}

@@ -56,8 +56,10 @@ def grow_twig(model: TwigVLMForConditionalGeneration) -> None:
                 twig_module.named_parameters(), base_module.named_parameters(), strict=True
             ):
                 if twig_name != base_name or twig_param.shape != base_param.shape:
-                    raise ValueError(f"Cannot grow the twig: {twig_name} {tuple(twig_param.shape)} does not match "
-                                     f"the base's {base_name} {tuple(base_param.shape)}.")
+                    raise ValueError(
+                        f"Cannot grow the twig: {twig_name} {tuple(twig_param.shape)} does not match "
+                        f"the base's {base_name} {tuple(base_param.shape)}."
+                    )
                 twig_param.copy_(base_param)
 
 
@@ -142,8 +144,10 @@ def check_loading_info(model_name_or_path: str, info: dict, grown: bool) -> None
     }
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
-        details = "; ".join(f"{kind}: {', '.join(sorted(keys)[:5])}{' ...' if len(keys) > 5 else ''}"
-                            for kind, keys in problems.items())
+        details = "; ".join(
+            f"{kind}: {', '.join(sorted(keys)[:5])}{' ...' if len(keys) > 5 else ''}"
+            for kind, keys in problems.items()
+        )
         raise ValueError(f"{model_name_or_path} does not fit a TwigVLM of its config ({details}).")
 
 

@@ -67,11 +67,13 @@ class TwigVLMForTwigTraining(TwigVLMForConditionalGeneration):
     ) -> TwigTrainingOutput:
         with torch.no_grad():  # the frozen vision tower and projector keep no activations
             inputs_embeds, _, _ = self.model.embed_inputs(input_ids, None, pixel_values, None)
-        twig_hidden = self.model.twig_forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        twig_hidden = self.model.twig_forward(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        ).last_hidden_state
         if labels is None:
             return TwigTrainingOutput(logits=self.model.twig.lm_head(twig_hidden))
 
-        # Logits only where a next token is supervised (the assistant answers): the vocabulary-sized tensors stay small.
+        # Logits only where a next token is supervised (the answers): the vocabulary-sized tensors stay small.
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         logits = self.model.twig.lm_head(twig_hidden[:, :-1][supervised]).float()
@@ -81,7 +83,9 @@ class TwigVLMForTwigTraining(TwigVLMForConditionalGeneration):
         ntp_loss = F.cross_entropy(logits, targets[supervised], reduction="sum") / num_items
         loss, distill_loss = ntp_loss, None
         if self.distill_alpha > 0:
-            with torch.no_grad():  # the teacher: the full base model on every token, as the inference model computes it
+            with (
+                torch.no_grad()
+            ):  # the teacher: the full base model on every token, as the inference model computes it
                 base_hidden = self.model.language_model(
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
                 ).last_hidden_state

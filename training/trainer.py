@@ -27,7 +27,7 @@ FULL_MODEL_DIR = "twigvlm"
 
 @dataclass
 class TwigTrainingArguments(TrainingArguments):
-    """transformers' TrainingArguments with the paper's recipe as defaults (twigvlm-method.md §4), plus the twig's own."""
+    """transformers' TrainingArguments with the paper's recipe as defaults (twigvlm-method.md §4), and the twig's."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (paper: 1e-4)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
@@ -48,7 +48,7 @@ class TwigTrainingArguments(TrainingArguments):
         default=128,
         metadata={
             "help": "Records per optimizer step over all devices (paper: 128); sets gradient_accumulation_steps to "
-            "global_batch_size / (per_device_train_batch_size x devices). 0 uses --gradient_accumulation_steps as given."
+            "global_batch_size / (per_device_train_batch_size x devices). 0 keeps --gradient_accumulation_steps."
         },
     )
     group_by_modality_length: bool = field(
@@ -124,7 +124,7 @@ class TwigTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and outputs.distill_loss is not None:
-            # Scaled as the Trainer scales the loss: normalised by the tokens of all devices, whose gradients it averages.
+            # Scaled as the Trainer scales the loss: normalised by all devices' tokens, whose gradients it averages.
             for name in ("ntp_loss", "distill_loss"):
                 part = outputs[name].detach() * self.accelerator.num_processes
                 self.loss_parts[name] = self.loss_parts.get(name, 0.0) + part
@@ -176,7 +176,9 @@ class TwigTrainer(Trainer):
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         config = model.config
-        twig = {name: tensor.to(dtype).contiguous() for name, tensor in state_dict.items() if name.startswith(TWIG_PREFIX)}
+        twig = {
+            name: tensor.to(dtype).contiguous() for name, tensor in state_dict.items() if name.startswith(TWIG_PREFIX)
+        }
         metadata = {
             "format": "pt",
             "twig_attach_layer": str(config.twig_attach_layer),
@@ -188,7 +190,9 @@ class TwigTrainer(Trainer):
         if self.args.save_authors_layout:
             (output_dir / AUTHORS_LAYOUT_DIR).mkdir(exist_ok=True)
             safetensors.torch.save_file(
-                to_authors_layout(twig), output_dir / AUTHORS_LAYOUT_DIR / "model.safetensors", metadata={"format": "pt"}
+                to_authors_layout(twig),
+                output_dir / AUTHORS_LAYOUT_DIR / "model.safetensors",
+                metadata={"format": "pt"},
             )
         if self.args.save_full_model:
             full = {name: tensor.to(dtype) for name, tensor in state_dict.items()}
@@ -196,7 +200,7 @@ class TwigTrainer(Trainer):
 
 
 def to_authors_layout(twig: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' release names (twigvlm-method.md §4): `model.layers.{0..T-1}.*`, `model.norm.weight`, `lm_head.weight`."""
+    """The authors' release names (twigvlm-method.md §4): `model.layers.{0..T-1}.*`, `model.norm.*`, `lm_head.*`."""
     renamed = {}
     for name, tensor in twig.items():
         rest = name.removeprefix(TWIG_PREFIX)
