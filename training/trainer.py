@@ -9,6 +9,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from transformers import ProcessorMixin, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from twigvlm import TwigVLMForConditionalGeneration
@@ -141,6 +142,16 @@ class TwigTrainer(Trainer):
             self.loss_parts, self.loss_parts_micro_steps = {}, 0
         super().log(logs, start_time)
 
+    def shards_parameters(self) -> bool:
+        return self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Unless parameters are sharded, the twig is taken from the model itself, without a copy of the whole state."""
+        if self.shards_parameters():
+            super().save_model(output_dir, _internal_call)
+        else:
+            self._save(output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints hold the twig alone (in its training precision), the optimizer and the trainer state."""
         if not self.args.should_save:
@@ -164,15 +175,18 @@ class TwigTrainer(Trainer):
 
     def save_twig(self, output_dir: str | os.PathLike, processor: ProcessorMixin | None = None) -> None:
         """
-        Final outputs: `twig.safetensors` (our layout, `model.twig.*`, in the base's dtype); with
+        Final outputs, in the training precision: `twig.safetensors` (our layout, `model.twig.*`); with
         `save_authors_layout` the authors' release layout; with `save_full_model` the whole TwigVLM with `processor`.
-        Call on every process (gathering sharded weights is collective).
+        Call on every process: gathering sharded weights (ZeRO-3, FSDP) is collective.
         """
-        state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.shards_parameters():
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        else:
+            state_dict = model.state_dict()
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        dtype = model.model.language_model.embed_tokens.weight.dtype
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         config = model.config
