@@ -23,7 +23,7 @@ COLOURS = {
 }
 NUMBERS = [str(n) for n in range(10)]
 WORDS = (
-    "A chat between a curious human and an artificial intelligence assistant . The gives helpful , detailed polite "
+    "A chat between a curious user and an artificial intelligence assistant . The gives helpful , detailed polite "
     "answers to the ' s questions USER ASSISTANT : what colour is image ? yes no comes after"
 ).split()
 

@@ -19,8 +19,8 @@ IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA-1.5's "v1" conversation template (vicuna_v1), as its SFT and the twig's training use it.
 VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 VICUNA_V1_ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 

@@ -9,6 +9,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from twigvlm import TwigVLMConfig, TwigVLMForConditionalGeneration
+from twigvlm.conversion.layouts import grown_twig_source
 
 from twigvlm.presets import load_preset
 
@@ -42,25 +43,18 @@ def gathered_parameters(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
 def grow_twig(model: TwigVLMForConditionalGeneration) -> None:
     """
     Initialise the twig as the paper does (twigvlm-method.md §1): its layers are copies of base layers K..K+T-1, its
-    final norm and LM head copies of the base's. This start beats random or last-layer copies (paper Table 4c).
+    final norm and LM head copies of the base's, by the same mapping conversion grows a twig with. This start beats
+    random or last-layer copies (paper Table 4c).
     """
-    k = model.config.twig_attach_layer
-    twig = model.model.twig
-    base = model.model.language_model
-    pairs = [(twig_layer, base.layers[k + i]) for i, twig_layer in enumerate(twig.layers)]
-    pairs += [(twig.norm, base.norm), (twig.lm_head, model.lm_head)]
-    parameters = [parameter for pair in pairs for module in pair for parameter in module.parameters()]
-    with gathered_parameters(parameters), torch.no_grad():
-        for twig_module, base_module in pairs:
-            for (twig_name, twig_param), (base_name, base_param) in zip(
-                twig_module.named_parameters(), base_module.named_parameters(), strict=True
-            ):
-                if twig_name != base_name or twig_param.shape != base_param.shape:
-                    raise ValueError(
-                        f"Cannot grow the twig: {twig_name} {tuple(twig_param.shape)} does not match "
-                        f"the base's {base_name} {tuple(base_param.shape)}."
-                    )
-                twig_param.copy_(base_param)
+    parameters = dict(model.named_parameters())
+    pairs = [
+        (parameter, parameters[grown_twig_source(name, model.config.twig_attach_layer)])
+        for name, parameter in parameters.items()
+        if name.startswith(TWIG_PREFIX)
+    ]
+    with gathered_parameters([parameter for pair in pairs for parameter in pair]), torch.no_grad():
+        for twig_parameter, base_parameter in pairs:
+            twig_parameter.copy_(base_parameter)
 
 
 def twig_fields(

@@ -9,10 +9,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from transformers import ProcessorMixin, Trainer, TrainingArguments
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from twigvlm import TwigVLMForConditionalGeneration
+from twigvlm import TwigVLMConfig, TwigVLMForConditionalGeneration
+from twigvlm.conversion.layouts import TWIGVLM_TWIG_LAYOUT
 
 from .data import ModalityLengthGroupedSampler
 from .grow import TWIG_PREFIX
@@ -204,36 +206,64 @@ class TwigTrainer(Trainer):
         if self.args.save_authors_layout:
             (output_dir / AUTHORS_LAYOUT_DIR).mkdir(exist_ok=True)
             safetensors.torch.save_file(
-                to_authors_layout(twig),
+                to_authors_layout(twig, config),
                 output_dir / AUTHORS_LAYOUT_DIR / "model.safetensors",
                 metadata={"format": "pt"},
             )
         if self.args.save_full_model:
-            full = {name: tensor.to(dtype) for name, tensor in state_dict.items()}
-            save_full_twigvlm(config, full, output_dir / FULL_MODEL_DIR, processor)
+            save_full_twigvlm(model, state_dict, output_dir / FULL_MODEL_DIR, dtype, processor)
 
 
-def to_authors_layout(twig: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' release names (twigvlm-method.md §4): `model.layers.{0..T-1}.*`, `model.norm.*`, `lm_head.*`."""
-    renamed = {}
-    for name, tensor in twig.items():
-        rest = name.removeprefix(TWIG_PREFIX)
-        if rest.startswith("layers."):
-            renamed["model." + rest] = tensor
-        elif rest.startswith("norm."):
-            renamed["model." + rest] = tensor
-        else:
-            renamed[rest] = tensor  # lm_head.*
-    return renamed
+def to_authors_layout(twig: dict[str, torch.Tensor], config: TwigVLMConfig) -> dict[str, torch.Tensor]:
+    """
+    The twig under the authors' release names (twigvlm-method.md §4): `model.layers.{0..T-1}.*`, `model.norm.weight`
+    and `lm_head.weight` over the original vocabulary, as conversion exports it (the rows LLaVA added are cut off).
+    """
+    authors = {TWIGVLM_TWIG_LAYOUT.target_name(name): tensor for name, tensor in twig.items()}
+    authors["lm_head.weight"] = authors["lm_head.weight"][: config.image_token_index].contiguous()
+    return authors
 
 
-def save_full_twigvlm(config, state_dict: dict[str, torch.Tensor], output_dir: Path, processor=None) -> None:
-    """A Hub-ready TwigVLM folder (the inference class, its remote code, generation config) from trained weights."""
-    config = copy.deepcopy(config)
-    config.dtype = next(iter(state_dict.values())).dtype
-    with torch.device("meta"):
-        model = TwigVLMForConditionalGeneration(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
+@dataclass(frozen=True)
+class LoadedTensor:
+    """A tensor already in memory, as conversion's writer takes its inputs (shape known, loaded on demand)."""
+
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+def save_full_twigvlm(
+    model: TwigVLMForConditionalGeneration,
+    state_dict: dict[str, torch.Tensor],
+    output_dir: Path,
+    dtype: torch.dtype,
+    processor: ProcessorMixin | None = None,
+) -> None:
+    """
+    A Hub-ready TwigVLM folder written as conversion writes one: sharded safetensors placed only once complete, the
+    config with its remote code, the generation config (self-speculative decoding on, LLaVA's added tokens
+    suppressed) and the processor. The model card of conversion describes a conversion, so none is written.
+    """
+    # Conversion's builder brings its whole stack (model card, self-check), needed only for this output.
+    from twigvlm.conversion.build import twigvlm_generation_config
+    from twigvlm.conversion.inputs import TOKEN_ID_FIELDS
+    from twigvlm.conversion.writer import staged_folder, write_safetensors
+
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.architectures = [TwigVLMForConditionalGeneration.__name__]
+    token_ids = {field: getattr(model.generation_config, field) for field in TOKEN_ID_FIELDS}
+    with staged_folder(output_dir, overwrite=True) as folder:
+        tensors = {name: LoadedTensor(tensor) for name, tensor in state_dict.items()}
+        write_safetensors(folder, tensors, dtype, max_shard_size="5GB")
+        config.save_pretrained(folder)
+        custom_object_save(TwigVLMForConditionalGeneration, folder)
+        twigvlm_generation_config(config, token_ids).save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
