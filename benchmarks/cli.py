@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default: the size's)")
     parser.add_argument("--lengths", type=int, nargs="+", help="answer lengths in tokens (default: the size's)")
     parser.add_argument("--acceptance", type=float, nargs="+", default=list(ACCEPTANCE_TARGETS), help="target acceptance rates of the TTP + SSD sweep")
+    parser.add_argument("--calibration-steps", type=int, default=5, help="bisection steps tuning the twig head to each target acceptance")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", type=Path, help="where the JSON goes (default: twigvlm-bench-SIZE-DEVICE.json)")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write PNG charts into DIR")
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         tuple(args.lengths or size.answer_lengths),
         args.repeats or size.repeats,
         tuple(args.acceptance),
+        args.calibration_steps,
         log=lambda message: print(message, file=sys.stderr, flush=True),
         seed=args.seed,
     )

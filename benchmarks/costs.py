@@ -109,6 +109,11 @@ def vision(shapes: Shapes) -> Cost:
     return Cost(flops, (patch + shapes.vision_layers * layer + projector) * shapes.element_bytes)
 
 
+def tokens_entering(group_tokens: list[tuple[int, int, int]], layer: int) -> int:
+    """Prompt tokens in the hidden states that enter `layer` (those layer - 1 held), which the twig reads at K."""
+    return next(tokens for first, end, tokens in group_tokens if first <= layer - 1 < end)
+
+
 def prefill(
     shapes: Shapes, group_tokens: list[tuple[int, int, int]], twig_runs: bool, twig_scores: bool
 ) -> Cost:
@@ -122,7 +127,7 @@ def prefill(
     for first, end, tokens in group_tokens:
         cost += (end - first) * decoder_layer(shapes, tokens, 0)
     if twig_runs:
-        attach_tokens = next(tokens for first, end, tokens in group_tokens if first <= shapes.attach_layer < end)
+        attach_tokens = tokens_entering(group_tokens, shapes.attach_layer)
         cost += shapes.num_twig_layers * decoder_layer(shapes, attach_tokens, 0)
         if twig_scores:
             query = 2 * shapes.hidden * shapes.heads * shapes.head_dim
@@ -158,7 +163,7 @@ def decode_per_token(
         return Cost()
     mean_past = (decoded - 1) / 2
     k = shapes.attach_layer
-    shallow_prompt = next(tokens for first, end, tokens in group_prompt_tokens if first == 0)
+    shallow_prompt = tokens_entering(group_prompt_tokens, k)
     if speculation is None:
         cost = lm_head(shapes, 1)
         for first, end, tokens in group_prompt_tokens:

@@ -71,7 +71,7 @@ def measure_limits(device: torch.device, dtype: torch.dtype, repeats: int = 5) -
     b = torch.randn(n, n, device=device, dtype=dtype)
     matmul_seconds = median_seconds(lambda: torch.mm(a, b), device, repeats)
     del a, b
-    elements = (1 << 30 if on_gpu else 1 << 28) // torch.finfo(dtype).bits * 8
+    elements = (1 << 30 if on_gpu else 1 << 28) // torch.empty((), dtype=dtype).element_size()
     source = torch.empty(elements, device=device, dtype=dtype).fill_(1)
     target = torch.empty_like(source)
     copy_seconds = median_seconds(lambda: target.copy_(source), device, repeats)
@@ -85,13 +85,22 @@ def measure_limits(device: torch.device, dtype: torch.dtype, repeats: int = 5) -
     }
 
 
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def describe(device: torch.device) -> dict[str, object]:
     """What ran the benchmark, named as a reader needs to compare tables."""
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         name = f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
     else:
-        name = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        name = f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {
         "device": name,
         "device_type": device.type,

@@ -4,6 +4,7 @@ one image, their repeats interleaved so that a change in the machine's load fall
 """
 
 import statistics
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -237,11 +238,15 @@ def measure(
     limits: dict,
     log: Callable[[str], None],
 ) -> list[dict]:
-    """Warm-up, then `repeats` interleaved rounds over all rows, then one memory run per row; medians and ratios."""
+    """
+    Warm-up, then `repeats` interleaved rounds over all rows; medians and ratios. Peak memory is taken in the last
+    round, around the longest answer (resetting the peak costs nothing inside the timed region).
+    """
     device = benchmark.device
     row_lengths = {c.name: c.lengths or lengths for c in configurations}
     samples = {c.name: {"vision": [], "prefill": [], **{n: [] for n in row_lengths[c.name]}} for c in configurations}
-    outputs = {c.name: {} for c in configurations}
+    outputs: dict[str, dict] = {c.name: {} for c in configurations}
+    memory: dict[str, dict] = {}
     log("Warming up ...")
     for configuration in configurations:
         benchmark.vision_seconds(configuration)
@@ -249,23 +254,22 @@ def measure(
     for repeat in range(repeats):
         log(f"Round {repeat + 1}/{repeats} ...")
         for configuration in configurations:
-            sample = samples[configuration.name]
+            name, sample = configuration.name, samples[configuration.name]
             sample["vision"].append(benchmark.vision_seconds(configuration))
             sample["prefill"].append(timed(lambda: benchmark.generate(configuration, 1), device)[0])
-            for length in row_lengths[configuration.name]:
-                seconds, outputs[configuration.name][length] = timed(
-                    lambda: benchmark.generate(configuration, length), device
-                )
+            for length in row_lengths[name]:
+                watch_memory = repeat == repeats - 1 and length == max(row_lengths[name])
+                with peak_memory(device) if watch_memory else nullcontext() as memory_now:
+                    seconds, outputs[name][length] = timed(lambda: benchmark.generate(configuration, length), device)
                 sample[length].append(seconds)
-    log("Peak memory ...")
+                if watch_memory:
+                    memory[name] = memory_now
     rows = []
     for configuration in configurations:
-        with peak_memory(device) as memory:
-            benchmark.generate(configuration, max(row_lengths[configuration.name]))
         row = summarise(benchmark, configuration, samples[configuration.name], outputs[configuration.name], limits)
         weight_bytes = parameter_bytes(benchmark.models[configuration.model])
         row["weight_bytes"] = weight_bytes
-        row["peak_above_weights_bytes"] = memory["peak_bytes"] - memory["baseline_bytes"]
+        row["peak_above_weights_bytes"] = memory[configuration.name]["peak_bytes"] - memory[configuration.name]["baseline_bytes"]
         row["peak_memory_bytes"] = weight_bytes + row["peak_above_weights_bytes"]
         rows.append(row)
     add_ratios(rows)

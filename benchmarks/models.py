@@ -117,7 +117,7 @@ SIZES = {
         text_after_image=20,
         answer_lengths=(10, 100, 500),
         calibration_length=100,
-        repeats=5,
+        repeats=3,
         image_token_id=32000,
     ),
 }
