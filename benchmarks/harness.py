@@ -4,8 +4,8 @@ one image, their repeats interleaved so that a change in the machine's load fall
 """
 
 import statistics
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -131,11 +131,14 @@ class Benchmark:
         for model in self.models.values():
             model.set_attn_implementation(attn_implementation)
 
+    def prepare(self, configuration: Configuration) -> None:
+        """Give the twig the head this row was calibrated to; done outside the timed region."""
+        if configuration.acceptance_target is not None:
+            set_twig_head_noise(self.twigvlm, self.head_noise[configuration.name])
+
     def generate(self, configuration: Configuration, length: int):
         """A greedy answer of exactly `length` tokens (EOS suppressed by `min_new_tokens`)."""
         model = self.models[configuration.model]
-        if configuration.acceptance_target is not None:
-            set_twig_head_noise(self.twigvlm, self.head_noise[configuration.name])
         kwargs = {**self.common, **configuration.generate_kwargs, "max_new_tokens": length, "min_new_tokens": length}
         with torch.inference_mode():
             output = model.generate(**self.inputs, **kwargs)
@@ -145,6 +148,7 @@ class Benchmark:
 
     def acceptance(self, configuration: Configuration, noise: float, length: int) -> float:
         self.head_noise[configuration.name] = noise
+        self.prepare(configuration)
         speculation = speculation_of(self.generate(configuration, length))
         return speculation.accepted / speculation.drafted if speculation.drafted else 0.0
 
@@ -249,12 +253,14 @@ def measure(
     memory: dict[str, dict] = {}
     log("Warming up ...")
     for configuration in configurations:
+        benchmark.prepare(configuration)
         benchmark.vision_seconds(configuration)
         benchmark.generate(configuration, min(row_lengths[configuration.name]))
     for repeat in range(repeats):
         log(f"Round {repeat + 1}/{repeats} ...")
         for configuration in configurations:
             name, sample = configuration.name, samples[configuration.name]
+            benchmark.prepare(configuration)
             sample["vision"].append(benchmark.vision_seconds(configuration))
             sample["prefill"].append(timed(lambda: benchmark.generate(configuration, 1), device)[0])
             for length in row_lengths[name]:

@@ -135,10 +135,13 @@ def plot(result: dict, directory: Path) -> list[Path]:
         if not sweep:
             continue
         figure, axes = plt.subplots(figsize=(6, 4.5))
+        sweep.sort(key=lambda row: row["answers"][sweep_length]["speculation"]["acceptance_rate"])
         accepted = [row["answers"][sweep_length]["speculation"]["acceptance_rate"] for row in sweep]
         for key, label in (("e2e_tokens_per_s", "end-to-end"), ("decode_tokens_per_s", "decode")):
             ratios = [row["vs_baseline"][f"{key}@{sweep_length}"] for row in sweep]
             axes.plot(accepted, ratios, marker="o", label=f"{label} tokens/s")
+        for row, x in zip(sweep, accepted):
+            axes.annotate(f"target {row['acceptance_target']:g}", (x, 1.0), fontsize=7, rotation=90, va="bottom")
         axes.axhline(1.0, color="black", linewidth=0.8)
         axes.set_xlabel("measured acceptance rate")
         axes.set_ylabel(f"ratio to LLaVA, answers of {sweep_length} tokens")
