@@ -25,7 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "draft acceptance is controlled. Prints markdown tables with ratios to LLaVA and writes a JSON file."
         ),
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny: seconds on a CPU; small: minutes on a CPU; llava-1.5-7b: the real shapes, for a GPU")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        help="tiny: seconds on a CPU; small: minutes on a CPU (the default there); llava-1.5-7b: the real shapes (the default on a GPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on a CPU, bfloat16 on a GPU")
     parser.add_argument(
@@ -36,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default: the size's)")
     parser.add_argument("--lengths", type=int, nargs="+", help="answer lengths in tokens (default: the size's)")
     parser.add_argument("--acceptance", type=float, nargs="+", default=list(ACCEPTANCE_TARGETS), help="target acceptance rates of the TTP + SSD sweep")
-    parser.add_argument("--calibration-steps", type=int, default=5, help="bisection steps tuning the twig head to each target acceptance")
+    parser.add_argument("--calibration-steps", type=int, default=4, help="bisection steps tuning the twig head to each target acceptance")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", type=Path, help="where the JSON goes (default: twigvlm-bench-SIZE-DEVICE.json)")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write PNG charts into DIR")
@@ -47,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    size = SIZES[args.size]
+    size = SIZES[args.size or ("small" if device.type == "cpu" else "llava-1.5-7b")]
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)

@@ -1,5 +1,6 @@
 """Device-synchronised timing, peak memory and the device's own limits (matmul rate, memory bandwidth)."""
 
+import ctypes
 import os
 import platform
 import statistics
@@ -38,12 +39,21 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _release_free_heap() -> None:
+    """Hand memory that the C allocator keeps after earlier runs back to the system, so the next run's peak shows."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the resident set then understates a repeated run's peak
+        pass
+
+
 @contextmanager
 def peak_memory(device: torch.device):
     """
     Yields a dict that holds, after the block, `peak_bytes` (the highest memory in use during the block) and
     `baseline_bytes` (in use when it began): CUDA allocator statistics on a GPU, the process's resident set on a CPU
-    (its high-water mark reset through /proc/self/clear_refs, so each block is measured on its own).
+    (freed heap trimmed first and the high-water mark reset through /proc/self/clear_refs, so each block is measured
+    on its own).
     """
     result: dict[str, int] = {}
     if device.type == "cuda":
@@ -54,6 +64,7 @@ def peak_memory(device: torch.device):
         synchronize(device)
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         return
+    _release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")
     result["baseline_bytes"] = _status_kib("VmRSS") * 1024
     yield result

@@ -187,7 +187,7 @@ def run(
     lengths: tuple[int, ...],
     repeats: int,
     acceptance_targets: tuple[float, ...] = ACCEPTANCE_TARGETS,
-    calibration_steps: int = 5,
+    calibration_steps: int = 4,
     log: Callable[[str], None] = print,
     seed: int = 0,
 ) -> dict:

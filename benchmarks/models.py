@@ -89,11 +89,12 @@ SIZES = {
     ),
     # Minutes on 2 CPU cores, at a narrow width: 576 image tokens and half of LLaVA-1.5-7B's layers with K, F halved
     # too (16 layers, K=1, F=12), so that R̄ 192 / 128 / 64 keep the 7B's R = 227 / 134 / 41; T=2 (the 7B's 3 halved,
-    # rounded up).
+    # rounded up). A vocabulary of 2048 keeps the LM head at the 7B's share of a layer (0.65): with 32k entries the
+    # narrow model's head would weigh 10 layers, and drafting (which runs the twig's head) would cost half a full step.
     "small": Size(
         name="small",
         vision=_clip(128, 512, 4, 4),
-        text=_llama(256, 688, 16, 4, 4, 32064),
+        text=_llama(256, 688, 16, 4, 4, 2048),
         twig_attach_layer=1,
         num_twig_layers=2,
         final_wipe_layer=12,
