@@ -1,0 +1,55 @@
+"""A LLaVA-1.5-style processor for the tiny models: character tokenizer, pad-to-square image processor, chat template."""
+
+import string
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import LlavaImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+from tiny_models import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, PATCH_SIZE, VOCAB_SIZE
+
+
+CHAT_TEMPLATE = (
+    "{{ 'A chat between a curious user and an artificial intelligence assistant. ' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% else %}{{ 'ASSISTANT: ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character, so any text round-trips, within the tiny models' 120-token vocabulary."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    tokens = specials + characters
+    tokens += [f"<extra_{i}>" for i in range(IMAGE_TOKEN_ID - len(tokens))] + ["<image>"]
+    assert len(tokens) == VOCAB_SIZE and tokens.index("<pad>") == PAD_TOKEN_ID
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def tiny_processor() -> LlavaProcessor:
+    image_processor = LlavaImageProcessor(
+        do_pad=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
