@@ -5,7 +5,7 @@ import string
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlavaImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-from tiny_models import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, PATCH_SIZE, VOCAB_SIZE
+from tiny_models import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, PATCH_SIZE, VOCAB_SIZE, tiny_twigvlm
 
 
 CHAT_TEMPLATE = (
@@ -53,3 +53,9 @@ def tiny_processor() -> LlavaProcessor:
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def save_tiny_checkpoint(path, seed: int = 0) -> None:
+    """A tiny TwigVLM checkpoint folder with its processor, loadable as any TwigVLM checkpoint is."""
+    tiny_twigvlm(seed=seed).save_pretrained(path)
+    tiny_processor().save_pretrained(path)
