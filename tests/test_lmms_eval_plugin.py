@@ -22,7 +22,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from twigvlm.evaluation import TASKS_DIR  # noqa: E402
 from twigvlm.evaluation.prompting import chat_inputs  # noqa: E402
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TASK, SPLIT = "local", "test"
 
 

@@ -20,11 +20,14 @@ CHAT_TEMPLATE = (
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable character, so any text round-trips, within the tiny models' 120-token vocabulary."""
+    """
+    One token per character (printable ASCII, then accented letters up to the tiny models' 120-token vocabulary), so
+    text round-trips and every generated token that is not special shows as exactly one character.
+    """
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
     tokens = specials + characters
-    tokens += [f"<extra_{i}>" for i in range(IMAGE_TOKEN_ID - len(tokens))] + ["<image>"]
+    tokens += [chr(0xC0 + i) for i in range(IMAGE_TOKEN_ID - len(tokens))] + ["<image>"]
     assert len(tokens) == VOCAB_SIZE and tokens.index("<pad>") == PAD_TOKEN_ID
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
