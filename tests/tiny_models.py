@@ -89,3 +89,17 @@ def prompt_ids(num_text_before: int = 3, num_text_after: int = 4, seed: int = 0,
 
 def pixel_values(batch_size: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def twig_copy_of_deep_layers(attn_implementation: str = "sdpa", noise: float = 0.0, seed: int = 0):
+    """L = K + T and the twig a copy of layers K..L-1, norm and head: without pruning the draft is the full model."""
+    config = tiny_config(num_layers=4, twig_attach_layer=2, num_twig_layers=2, final_wipe_layer=None)
+    model = tiny_twigvlm(config, attn_implementation, seed=seed)
+    twig, language_model = model.model.twig, model.model.language_model
+    with torch.no_grad():
+        for twig_layer, base_layer in zip(twig.layers, language_model.layers[2:]):
+            twig_layer.load_state_dict(base_layer.state_dict())
+        twig.norm.load_state_dict(language_model.norm.state_dict())
+        twig.lm_head.weight.copy_(model.lm_head.weight)
+        twig.lm_head.weight.add_(noise * torch.randn(twig.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    return model
