@@ -1,22 +1,13 @@
-"""A LLaVA-1.5-style processor for the tiny models: character tokenizer, pad-to-square image processor, chat template."""
+"""The LLaVA-1.5 processor for the tiny models, with a character tokenizer that fits their 120-token vocabulary."""
 
 import string
 
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlavaImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+from twigvlm.conversion.processing import build_llava15_processor
 
 from tiny_models import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, PATCH_SIZE, VOCAB_SIZE, tiny_twigvlm
-
-
-CHAT_TEMPLATE = (
-    "{{ 'A chat between a curious user and an artificial intelligence assistant. ' }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% else %}{{ 'ASSISTANT: ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -43,19 +34,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_processor() -> LlavaProcessor:
-    image_processor = LlavaImageProcessor(
-        do_pad=True,
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    """The LLaVA-1.5 processor a TwigVLM checkpoint ships, sized for the tiny models' 56 px images."""
+    return build_llava15_processor(tiny_tokenizer(), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
 
 
 def save_tiny_checkpoint(path, seed: int = 0) -> None:
