@@ -13,17 +13,21 @@ from collections.abc import Iterator
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor
 from transformers.generation.streamers import BaseStreamer
 
-from twigvlm import TwigVLMForConditionalGeneration
+from twigvlm.app.small_model import build_small_twigvlm
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
+from twigvlm.evaluation.loading import load_twigvlm
 from twigvlm.evaluation.prompting import chat_inputs
 from twigvlm.evaluation.statistics import pruning_record, speculation_record
 from twigvlm.visualization import draw_kept_patches, find_kept_patches, model_view
 
 
 ACCEPTED = "accepted draft"
+RANDOM_WEIGHTS_NOTE = (
+    "Note: no --model given, so the demo runs the small TwigVLM of `twigvlm` with RANDOM weights: the page works, the "
+    "answers are meaningless words. Pass --model PATH_OR_REPO to run a real checkpoint."
+)
 
 
 class DraftSegmentStreamer(BaseStreamer):
@@ -178,7 +182,9 @@ def build_demo(model, processor, methods: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="twigvlm-demo", description=__doc__)
-    parser.add_argument("--model", required=True, help="TwigVLM checkpoint folder or Hub repo")
+    parser.add_argument(
+        "--model", help="TwigVLM checkpoint folder or Hub repo (default: the small random-weight model of `twigvlm`)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -186,9 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo sends nothing out unless asked
 
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = TwigVLMForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    if args.model is None:
+        print(RANDOM_WEIGHTS_NOTE, flush=True)
+        model, processor = build_small_twigvlm()
+        model.to(args.device)
+    else:
+        model, processor = load_twigvlm(args.model, args.dtype, args.device)
     build_demo(model, processor).queue().launch(server_name=args.host, server_port=args.port)
 
 

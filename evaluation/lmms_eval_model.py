@@ -18,15 +18,10 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoProcessor
 
-from twigvlm import TwigVLMForConditionalGeneration
-
+from .loading import load_twigvlm
 from .prompting import chat_inputs, chat_prompt, encode
 from .statistics import pruning_record, speculation_record
-
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -50,6 +45,7 @@ class TwigVLM(lmms):
             Drafting serves one sequence at a time, so it needs batch_size=1; unset with a larger batch decodes
             without it.
         dtype: auto, float16, bfloat16 or float32. device, device_map, attn_implementation, revision as in transformers.
+            The model runs with this package's classes (see `load_twigvlm`), not the checkpoint's copy of the code.
         max_new_tokens: the answer length when a task does not set one.
     """
 
@@ -67,7 +63,6 @@ class TwigVLM(lmms):
         device_map: str | None = None,
         attn_implementation: str | None = None,
         revision: str | None = None,
-        trust_remote_code: bool = False,
         batch_size: int | str = 1,
         max_new_tokens: int = 1024,
     ) -> None:
@@ -80,8 +75,6 @@ class TwigVLM(lmms):
                 f"speculative=true drafts one sequence at a time and cannot serve batch_size={batch_size}; "
                 "use batch_size=1, or speculative=false for larger batches."
             )
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is unknown; choose auto, {', '.join(DTYPES)}.")
 
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # data parallel: `accelerate launch -m lmms_eval ...`
@@ -91,16 +84,7 @@ class TwigVLM(lmms):
             device_map = str(self._device)
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = TwigVLMForConditionalGeneration.from_pretrained(
-            pretrained,
-            revision=revision,
-            dtype=DTYPES.get(dtype, "auto"),
-            attn_implementation=attn_implementation,
-            device_map=device_map,
-        ).eval()
-        if device_map is None:
-            self.model.to(self._device)
-        self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        self.model, self.processor = load_twigvlm(pretrained, dtype, self._device, device_map, attn_implementation, revision)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
 
