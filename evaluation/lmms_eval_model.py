@@ -129,10 +129,12 @@ class TwigVLM(lmms):
             contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
             images = [self._images(*args) for args in zip(doc_to_visuals, tasks, splits, doc_ids)]
             # Pruning keeps R per row, so a batch needs the same number of images in every row.
+            chunk_results = [None] * len(chunk)
             for group in _groups_by(images):
-                results += self._generate(
-                    [contexts[i] for i in group], [images[i] for i in group], dict(all_gen_kwargs[0])
-                )
+                answers = self._generate([contexts[i] for i in group], [images[i] for i in group], dict(all_gen_kwargs[0]))
+                for i, answer in zip(group, answers):
+                    chunk_results[i] = answer
+            results += chunk_results
             progress.update(len(chunk))
         progress.close()
         return collator.get_original(results)

@@ -48,8 +48,13 @@ def picture(seed: int) -> Image.Image:
 DOCS = [
     {"question": "What is in the picture?", "image": picture(0)},
     {"question": "Which colour is the box on the left?", "image": picture(1)},
+    {"question": "Say something without a picture.", "image": None},  # batched apart: no image tokens to prune
     {"question": "Is there a red box?", "image": picture(2)},
 ]
+
+
+def doc_to_visual(doc: dict) -> list[Image.Image]:
+    return [] if doc["image"] is None else [doc["image"]]
 
 
 def plugin(checkpoint: str, **model_args):
@@ -61,13 +66,13 @@ def plugin(checkpoint: str, **model_args):
 
 
 def generation_request(doc_id: int, gen_kwargs: dict) -> Instance:
-    arguments = (DOCS[doc_id]["question"], dict(gen_kwargs), lambda doc: [doc["image"]], doc_id, TASK, SPLIT)
+    arguments = (DOCS[doc_id]["question"], dict(gen_kwargs), doc_to_visual, doc_id, TASK, SPLIT)
     return Instance("generate_until", arguments, idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
 
 
 def reference_answer(model, doc_id: int, max_new_tokens: int):
     """What model.generate answers alone for the same prompt and image: plain greedy decoding, no drafting."""
-    inputs = chat_inputs(model.processor, [DOCS[doc_id]["question"]], [[DOCS[doc_id]["image"]]], "cpu", torch.float32)
+    inputs = chat_inputs(model.processor, [DOCS[doc_id]["question"]], [doc_to_visual(DOCS[doc_id])], "cpu", torch.float32)
     output = model.model.generate(
         **inputs,
         **model.generation_options,
@@ -95,9 +100,9 @@ def test_entry_point_is_discovered_by_name():
     [
         dict(speculative=True, visual_token_budget=8, token_reduction="twig"),
         dict(speculative=False, batch_size=2, num_kept_visual_tokens=3, token_reduction="twig"),
-        dict(token_reduction="none", batch_size=3),
+        dict(token_reduction="none", batch_size=4),
     ],
-    ids=["ssd-batch1", "no-ssd-batch2", "no-pruning-batch3"],
+    ids=["ssd-batch1", "no-ssd-batch2", "no-pruning-batch4"],
 )
 def test_generation_requests_answer_as_model_generate(checkpoint, model_args):
     model = plugin(checkpoint, **model_args)
@@ -110,6 +115,8 @@ def test_generation_requests_answer_as_model_generate(checkpoint, model_args):
     assert [result.text for result in results] == [text.split(stop)[0] for text in expected]
 
     counts = [result.token_counts.to_dict() for result in results]
+    assert counts[2]["visual_tokens"] == 0 and all(n == 0 for _, _, n in counts[2]["kept_visual_tokens"])
+    del counts[2]  # the text-only document
     num_layers = model.model.config.text_config.num_hidden_layers
     for record in counts:
         groups = record["kept_visual_tokens"]
@@ -141,7 +148,7 @@ def test_loglikelihood_scores_the_greedy_answer(checkpoint):
     requests = [
         Instance(
             "loglikelihood",
-            (DOCS[1]["question"], continuation, lambda doc: [doc["image"]], 1, TASK, SPLIT),
+            (DOCS[1]["question"], continuation, doc_to_visual, 1, TASK, SPLIT),
             idx=i,
             metadata={"task": TASK, "doc_id": 1, "repeats": 1},
         )
