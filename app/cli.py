@@ -9,6 +9,9 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
+from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
+from twigvlm.visualization import show_kept
+
 from .sample import SAMPLE_IMAGE_PATH, default_question
 from .small_model import build_small_twigvlm
 from .streamer import DraftMarkingStreamer
@@ -93,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
         "which TwigVLM checkpoints switch on by default. The answer is the same either way.",
     )
 
+    pictures = parser.add_argument_group("kept-token picture")
+    pictures.add_argument(
+        "--show-kept",
+        type=Path,
+        metavar="OUT.png",
+        help="Also draw which image patches each token-reduction method keeps for this image and question, side by "
+        "side at the chosen budget, and save the picture as PNG here.",
+    )
+    pictures.add_argument(
+        "--show-kept-methods",
+        metavar="NAMES",
+        help=f"Comma-separated methods for --show-kept (from: {', '.join(TOKEN_REDUCTIONS)}). "
+        "Default: every method but none.",
+    )
+
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
         "--dtype", choices=list(DTYPES), help="Weight dtype (default: bfloat16 on CUDA GPUs, float32 otherwise)."
@@ -125,6 +143,21 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA GPU")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here")
+    if args.show_kept_methods is not None:
+        if args.show_kept is None:
+            parser.error("--show-kept-methods chooses the methods of --show-kept OUT.png; give that too")
+        unknown = [name for name in kept_picture_methods(args) if name not in TOKEN_REDUCTIONS]
+        if unknown:
+            parser.error(f"--show-kept-methods: unknown {', '.join(unknown)}; choose from {', '.join(TOKEN_REDUCTIONS)}")
+    if args.show_kept is not None and not args.show_kept.parent.is_dir():
+        parser.error(f"--show-kept {args.show_kept}: no folder {args.show_kept.parent}")
+
+
+def kept_picture_methods(args: argparse.Namespace) -> list[str]:
+    """The methods --show-kept compares: those named, or every token reduction the model knows but none."""
+    if args.show_kept_methods is None:
+        return [name for name in TOKEN_REDUCTIONS if name != "none"]
+    return [name.strip() for name in args.show_kept_methods.split(",") if name.strip()]
 
 
 def generate_kwargs(args: argparse.Namespace) -> dict:
@@ -204,6 +237,18 @@ def run(parser: argparse.ArgumentParser, source: str, args: argparse.Namespace, 
         parser.error(str(error))
     print(format_visual_token_counts(cache.visual_token_counts))
     print(format_speculation_stats(cache.speculation_stats), flush=True)
+    if args.show_kept is not None:
+        show_kept(
+            model,
+            processor,
+            image,
+            question,
+            methods=kept_picture_methods(args),
+            visual_token_budget=args.visual_token_budget,
+            num_kept_visual_tokens=args.num_kept_visual_tokens,
+            path=args.show_kept,
+        )
+        print(f"Kept-token picture: {args.show_kept}", flush=True)
 
 
 def run_small_model(
