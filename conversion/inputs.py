@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaProcessor
+from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaProcessor
 from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 from twigvlm import TwigVLMConfig, TwigVLMForConditionalGeneration
@@ -117,17 +117,36 @@ def token_ids(folder: Path, text_config: dict) -> dict:
     return {field: generation.get(field, text_config.get(field)) for field in TOKEN_ID_FIELDS}
 
 
+def image_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """
+    The image normalisation a folder states: preprocessor_config.json, or the image processor that transformers 5
+    nests in processor_config.json. Read as JSON, so that no image-processor backend (torchvision) is needed.
+    """
+    preprocessor_path, processor_path = folder / "preprocessor_config.json", folder / "processor_config.json"
+    if preprocessor_path.is_file():
+        preprocessor = json.loads(preprocessor_path.read_text())
+    elif processor_path.is_file():
+        preprocessor = json.loads(processor_path.read_text()).get("image_processor", {})
+    else:
+        preprocessor = {}
+    if "image_mean" not in preprocessor or "image_std" not in preprocessor:
+        raise FileNotFoundError(
+            f"{folder} states no image_mean/image_std (in preprocessor_config.json or processor_config.json)."
+        )
+    return tuple(preprocessor["image_mean"]), tuple(preprocessor["image_std"])
+
+
 def build_processor(tokenizer_source: Source, image_processor_folder: Path, config: TwigVLMConfig) -> LlavaProcessor:
     """LLaVA-1.5's processor with the source's tokenizer and CLIP normalisation; `<image>` must be the config's token."""
     tokenizer = load_tokenizer(tokenizer_source)
-    image_processor = AutoImageProcessor.from_pretrained(image_processor_folder)
+    image_mean, image_std = image_normalisation(image_processor_folder)
     vision_config = config.vision_config
     processor = build_llava15_processor(
         tokenizer,
         image_size=vision_config.image_size,
         patch_size=vision_config.patch_size,
-        image_mean=tuple(image_processor.image_mean),
-        image_std=tuple(image_processor.image_std),
+        image_mean=image_mean,
+        image_std=image_std,
     )
     image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id != config.image_token_index:
