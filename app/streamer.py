@@ -16,7 +16,7 @@ class DraftMarkingStreamer(BaseStreamer):
 
     Under self-speculative decoding transformers hands over one chunk per verification round: the accepted drafts
     followed by the full model's own token. With `mark_drafts`, the text of the accepted drafts is shown in colour.
-    The first chunk is the prompt, which is skipped.
+    The first chunk is the prompt, which is skipped; the answer's leading space is dropped.
     """
 
     def __init__(self, tokenizer, mark_drafts: bool | None = None, stream: TextIO | None = None):
@@ -44,7 +44,7 @@ class DraftMarkingStreamer(BaseStreamer):
         if not token_ids:
             return
         self.token_ids += token_ids
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()
         new_text, self.printed_text = text[len(self.printed_text) :], text
         if new_text:
             self.stream.write(f"{style}{new_text}{RESET_STYLE}" if style else new_text)

@@ -25,7 +25,7 @@ def test_streamed_text_is_the_answer_with_drafts_marked():
     out = model.generate(**kwargs, streamer=DraftMarkingStreamer(WordTokenizer(), mark_drafts=False, stream=plain))
     model.generate(**kwargs, streamer=DraftMarkingStreamer(WordTokenizer(), mark_drafts=True, stream=marked))
 
-    answer = WordTokenizer().decode(out[0, ids.shape[1] :].tolist())
+    answer = WordTokenizer().decode(out[0, ids.shape[1] :].tolist()).lstrip()
     assert plain.getvalue() == answer + "\n"
     assert ACCEPTED_DRAFT_STYLE in marked.getvalue()
     unmarked = marked.getvalue().replace(ACCEPTED_DRAFT_STYLE, "").replace(RESET_STYLE, "")

@@ -1,0 +1,1 @@
+"""Speed and memory benchmark of TwigVLM against transformers' LLaVA on the same weights (`twigvlm-bench`)."""
