@@ -1,6 +1,7 @@
 """The `twigvlm` program: a TwigVLM checkpoint answers a question about an image, loaded through the Auto classes."""
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def at_least(minimum: int, number_type: type = int):
         return value
 
     return parse
+
+
+def json_object(text: str) -> dict:
+    """An argparse type for a JSON object, e.g. '{"layer": 3}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {error}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object like '{{\"layer\": 3}}'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pruning.add_argument(
         "--no-pruning", action="store_true", help="Keep every visual token in every layer (token_reduction='none')."
+    )
+    generation.add_argument(
+        "--token-reduction",
+        choices=list(TOKEN_REDUCTIONS),
+        metavar="METHOD",
+        help=f"How visual tokens are reduced: {', '.join(TOKEN_REDUCTIONS)}. twig is TwigVLM's pruning (the "
+        "checkpoint's default); the others are the methods it is compared against, with the budget counted as each "
+        "paper counts it (docs/token_reduction.md). They decode without self-speculative decoding.",
+    )
+    generation.add_argument(
+        "--token-reduction-options",
+        type=json_object,
+        metavar="JSON",
+        help='The method\'s own options as a JSON object, e.g. \'{"layer": 3}\' for fastv.',
     )
     generation.add_argument(
         "--no-speculative",
@@ -149,14 +175,18 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         unknown = [name for name in kept_picture_methods(args) if name not in TOKEN_REDUCTIONS]
         if unknown:
             parser.error(f"--show-kept-methods: unknown {', '.join(unknown)}; choose from {', '.join(TOKEN_REDUCTIONS)}")
+    if args.no_pruning and args.token_reduction not in (None, "none"):
+        parser.error(f"--no-pruning is token_reduction 'none'; it cannot go with --token-reduction {args.token_reduction}")
+    if args.token_reduction_options is not None and args.token_reduction is None:
+        parser.error("--token-reduction-options needs --token-reduction METHOD")
     if args.show_kept is not None and not args.show_kept.parent.is_dir():
         parser.error(f"--show-kept {args.show_kept}: no folder {args.show_kept.parent}")
 
 
-def kept_picture_methods(args: argparse.Namespace) -> list[str]:
-    """The methods --show-kept compares: those named, or every token reduction the model knows but none."""
+def kept_picture_methods(args: argparse.Namespace) -> list[str] | None:
+    """The methods --show-kept compares: those named, or (None) every one the model can run at the budget but none."""
     if args.show_kept_methods is None:
-        return [name for name in TOKEN_REDUCTIONS if name != "none"]
+        return None
     return [name.strip() for name in args.show_kept_methods.split(",") if name.strip()]
 
 
@@ -165,6 +195,12 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
     if args.no_speculative:
         kwargs["speculative_decoding"] = False
+    if args.token_reduction is not None:
+        kwargs["token_reduction"] = args.token_reduction
+        if args.token_reduction not in ("twig", "none"):  # drafting is TwigVLM's; the baselines decode plainly
+            kwargs["speculative_decoding"] = False
+    if args.token_reduction_options is not None:
+        kwargs["token_reduction_options"] = args.token_reduction_options
     if args.no_pruning:
         kwargs["token_reduction"] = "none"
     elif args.visual_token_budget is not None:
@@ -214,6 +250,15 @@ def format_speculation_stats(stats) -> str:
     )
 
 
+def format_token_reduction(report) -> str:
+    """The method, its settings and the visual tokens that entered the language model."""
+    settings = ", ".join(f"{key}={value}" for key, value in report.settings.items() if value is not None)
+    return (
+        f"Token reduction: {report.method}" + (f" ({settings})" if settings else "")
+        + f"; {report.visual_tokens_entering_llm[0]} visual tokens entered the language model"
+    )
+
+
 def format_visual_token_counts(counts: list[tuple[int, int, int]]) -> str:
     num_layers = counts[-1][1]
     average = sum((end - start) * num_visual for start, end, num_visual in counts) / num_layers
@@ -235,6 +280,7 @@ def run(parser: argparse.ArgumentParser, source: str, args: argparse.Namespace, 
     except ValueError as error:  # what the model refuses, e.g. a budget this checkpoint cannot meet
         print()
         parser.error(str(error))
+    print(format_token_reduction(cache.token_reduction_report))
     print(format_visual_token_counts(cache.visual_token_counts))
     print(format_speculation_stats(cache.speculation_stats), flush=True)
     if args.show_kept is not None:

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
+from twigvlm.token_reduction_twigvlm import supported_token_reductions
 
 from . import costs
 from .device import describe, measure_limits, peak_memory, timed
@@ -46,12 +47,12 @@ class Configuration:
 
 
 def default_configurations(
-    budgets: tuple[float, ...], acceptance_targets: tuple[float, ...], sweep_length: int
+    budgets: tuple[float, ...], acceptance_targets: tuple[float, ...], sweep_length: int, strategies: list[str]
 ) -> list[Configuration]:
     """
-    The baseline, TwigVLM unpruned, TTP at each budget, TTP + SSD and SSD alone at the paper's acceptance, every
-    other token-reduction strategy the config knows at the smallest budget, and TTP + SSD at each target acceptance
-    (the speed-against-acceptance sweep, at one answer length).
+    The baseline, TwigVLM unpruned, TTP at each budget, TTP + SSD and SSD alone at the paper's acceptance, the other
+    token-reduction `strategies` at the smallest budget, and TTP + SSD at each target acceptance (the
+    speed-against-acceptance sweep, at one answer length).
     """
     budget = budgets[-1]
     plain = {"speculative_decoding": False}
@@ -72,7 +73,7 @@ def default_configurations(
         Configuration("SSD alone", "twigvlm", {**ssd, "token_reduction": "none"}, PAPER_ACCEPTANCE),
         *(
             Configuration(f"{name} R̄={budget:g}", "twigvlm", {**plain, "token_reduction": name, "visual_token_budget": budget})
-            for name in TOKEN_REDUCTIONS
+            for name in strategies
             if name not in ("twig", "none")
         ),
     ]
@@ -196,7 +197,9 @@ def run(
     limits = measure_limits(device, dtype)
     benchmark = Benchmark(size, device, dtype, attn_implementations[0], seed)
     sweep_length = lengths[1] if len(lengths) > 1 else lengths[-1]
-    configurations = default_configurations(size.budgets, acceptance_targets, sweep_length)
+    # The other strategies that run on this size at the smallest budget with their published settings.
+    strategies = supported_token_reductions(benchmark.twigvlm.config, size.budgets[-1])
+    configurations = default_configurations(size.budgets, acceptance_targets, sweep_length, strategies)
     base_bytes = parameter_bytes(benchmark.llava)
     twig_bytes = parameter_bytes(benchmark.twigvlm.model.twig)
     result = {

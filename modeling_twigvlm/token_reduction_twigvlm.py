@@ -1213,6 +1213,24 @@ def build_token_reduction(
     )
 
 
+def supported_token_reductions(
+    config, visual_token_budget: float | None = None, num_kept_visual_tokens: int | None = None
+) -> list[str]:
+    """
+    The methods whose settings this model and budget allow with their default options (e.g. SparseVLM's layers 2-19
+    need 21 layers; the adaptive methods have settings for 64, 128 and 192 only), for callers that compare them all.
+    """
+    supported = []
+    for name in TOKEN_REDUCTIONS:
+        try:
+            strategy = build_token_reduction(config, name, None, visual_token_budget, num_kept_visual_tokens)
+            strategy.planned_visual_tokens(strategy.num_patches)
+        except ValueError:
+            continue
+        supported.append(name)
+    return supported
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The host side: one prefill with a strategy
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1492,4 +1510,5 @@ __all__ = [
     "TokenReductionReport",
     "TokenReductionStrategy",
     "build_token_reduction",
+    "supported_token_reductions",
 ]

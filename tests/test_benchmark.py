@@ -17,7 +17,7 @@ from twigvlm.benchmarks.models import (
     set_twig_head_noise,
     twigvlm_config,
 )
-from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
+from twigvlm.token_reduction_twigvlm import supported_token_reductions
 
 
 ROW_FIELDS = {
@@ -58,7 +58,9 @@ def test_smoke_run_on_the_tiny_size_writes_every_field(tmp_path, capsys):
     (run,) = result["runs"]
     assert run["attn_implementation"] == "sdpa"
     rows = {row["name"]: row for row in run["configurations"]}
-    strategies = [name for name in TOKEN_REDUCTIONS if name not in ("twig", "none")]
+    size = SIZES["tiny"]
+    supported = supported_token_reductions(twigvlm_config(size), size.budgets[-1])
+    strategies = [name for name in supported if name not in ("twig", "none")]
     # baseline, unpruned, 3 budgets, TTP + SSD, SSD alone, each other strategy, one sweep point
     assert len(rows) == 7 + len(strategies) + 1
     for row in rows.values():

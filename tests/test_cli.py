@@ -71,6 +71,24 @@ def test_pruning_options(capsys, saved_small_model, options, kept):
     assert groups == [(first, last, count) for (first, last), count in zip([(0, 1), (2, 5), (6, 7)], kept)]
 
 
+@pytest.mark.parametrize(
+    "options, groups, entering",
+    [
+        (["--token-reduction", "visionzip"], [(0, 7, 24)], 24),  # the checkpoint's budget of 24 enters the LLM
+        (["--token-reduction", "fastv", "--num-kept-visual-tokens", "9"], [(0, 1, 64), (2, 7, 9)], 64),
+        (["--token-reduction", "fastv", "--token-reduction-options", '{"layer": 3}', "--visual-token-budget", "40"],
+         [(0, 2, 64), (3, 7, 26)], 64),  # R = round((8 * 40 - 3 * 64) / 5)
+        (["--token-reduction", "pooling", "--visual-token-budget", "16"], [(0, 7, 16)], 16),
+    ],
+)
+def test_token_reduction_options(capsys, saved_small_model, options, groups, entering):
+    output, answer, found = run_program(capsys, "--model", str(saved_small_model), "--max-new-tokens", "2", *options)
+    assert answer and found == groups
+    assert f"Token reduction: {options[1]}" in output
+    assert f"{entering} visual tokens entered the language model" in output
+    assert "Self-speculative decoding: off" in output  # the baselines decode without drafting
+
+
 def test_runtime_options(capsys, saved_small_model, tmp_path):
     image_path = tmp_path / "tall.png"
     Image.new("RGB", (30, 90), (10, 200, 30)).save(image_path)
@@ -96,6 +114,10 @@ def test_runtime_options(capsys, saved_small_model, tmp_path):
         (["--image", __file__], "not an image file"),
         (["--model", "./no/such/checkpoint"], "no such folder"),
         (["--model", "some-repo", "--save-dir", "out"], "--save-dir applies to the built-in small model only"),
+        (["--token-reduction", "fastest"], "invalid choice: 'fastest'"),
+        (["--no-pruning", "--token-reduction", "fastv"], "cannot go with --token-reduction fastv"),
+        (["--token-reduction-options", '{"layer": 3}'], "needs --token-reduction METHOD"),
+        (["--token-reduction", "fastv", "--token-reduction-options", "[3]"], "is not a JSON object"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_clear_message(capsys, argv, message):
@@ -111,6 +133,13 @@ def test_a_budget_the_model_cannot_meet_is_a_clear_error(capsys, saved_small_mod
         main(["--model", str(saved_small_model), "--visual-token-budget", "10"])
     assert exit_info.value.code == 2
     assert "twigvlm: error: visual_token_budget=10.0 is below 16" in capsys.readouterr().err
+
+
+def test_an_unknown_method_option_is_a_clear_error(capsys, saved_small_model):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(saved_small_model), "--token-reduction", "fastv", "--token-reduction-options", '{"rank": 3}'])
+    assert exit_info.value.code == 2
+    assert "got unknown option(s) 'rank'; valid options: layer" in capsys.readouterr().err
 
 
 def test_sample_image_is_the_drawing():

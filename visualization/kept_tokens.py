@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
+from twigvlm.token_reduction_twigvlm import supported_token_reductions
 
 from twigvlm.evaluation.prompting import chat_inputs
 
@@ -168,10 +168,13 @@ def show_kept(
     panel_size: int = 336,
 ) -> Image.Image:
     """
-    The kept-token picture for `image` and `prompt`: every method (default: every token reduction the model knows,
-    `none` aside) at the same budget, side by side; saved as PNG at `path` if given.
+    The kept-token picture for `image` and `prompt`: every method (default: every token reduction the model can run at
+    this budget with its default settings, `none` aside) at the same budget, side by side; saved as PNG at `path` if
+    given.
     """
-    methods = methods or [method for method in TOKEN_REDUCTIONS if method != "none"]
+    if not methods:
+        supported = supported_token_reductions(model.config, visual_token_budget, num_kept_visual_tokens)
+        methods = [method for method in supported if method != "none"]
     results = [
         find_kept_patches(model, processor, image, prompt, method, visual_token_budget, num_kept_visual_tokens)
         for method in methods
