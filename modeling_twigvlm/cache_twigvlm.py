@@ -78,9 +78,9 @@ class TwigVLMCache(DynamicCache):
         shift = self.position_shifts.get(group_start)
         return position_ids if shift is None else position_ids - shift.to(position_ids.device)[:, None]
 
-    def count_visual_tokens(self) -> list[torch.Tensor]:
-        """Per group, how many visual prompt tokens each row holds (`[batch]`); also refreshes `visual_token_counts`."""
-        counts, self.visual_token_counts = [], []
+    def count_visual_tokens(self) -> None:
+        """Refresh `visual_token_counts` from the prompt positions each group holds."""
+        self.visual_token_counts = []
         for start, end in self.layer_groups:
             kept = self.kept_prompt_positions.get(start)
             if self.prompt_image_mask is None:
@@ -89,9 +89,7 @@ class TwigVLMCache(DynamicCache):
                 count = self.prompt_image_mask.sum(dim=1)
             else:
                 count = (self.prompt_image_mask.gather(1, kept.clamp(min=0)) & (kept >= 0)).sum(dim=1)
-            counts.append(count)
             self.visual_token_counts.append((start, end, int(count.max())))
-        return counts
 
     def restrict_prompt_tokens(
         self, first_layer: int, end_layer: int, kept_positions: torch.Tensor, position_shift: torch.Tensor | None
@@ -120,7 +118,7 @@ class TwigVLMCache(DynamicCache):
             for layer in self.layers[start:end]:
                 index = slots[:, None, :, None].to(layer.keys.device)
                 layer.keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
-                layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+                layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
             self.kept_prompt_positions[start] = kept_positions
             if position_shift is None:
                 self.position_shifts.pop(start, None)

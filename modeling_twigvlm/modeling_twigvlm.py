@@ -229,11 +229,12 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             image_sizes=image_sizes,
         )
         rotary_emb = self.language_model.rotary_emb
-        if run is not None:
+        if run is not None:  # it lays out the prompt and gives each group its positions
             attention_mask = run.start(inputs_embeds, image_token_mask, rotary_emb)
-        elif attention_mask is None and cache.has_padding_slots:
-            attention_mask = torch.ones(batch_size, past_length + seq_length, dtype=torch.long, device=device)
-        position_embeddings = rotary_emb(inputs_embeds, position_ids)
+        else:
+            if attention_mask is None and cache.has_padding_slots:
+                attention_mask = torch.ones(batch_size, past_length + seq_length, dtype=torch.long, device=device)
+            position_embeddings = rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
         for group_start, group_end in cache.layer_groups:

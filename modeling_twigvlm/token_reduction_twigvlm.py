@@ -1424,15 +1424,18 @@ class PrefillRun:
         if self.active:
             strategy.prepare(inputs_embeds, self.tokens, self)
             for layer_idx in strategy.signal_layers:
-                layer = self.model.language_model.layers[layer_idx]
-                self.hooks.append(layer.register_forward_pre_hook(self.capture_input(layer_idx)))
+                self.capture_input(layer_idx)
         return self.attention_mask
 
-    def capture_input(self, layer_idx: int):
+    def capture_input(self, layer_idx: int) -> None:
+        """Keep the input of base layer `layer_idx` when it runs; the hook removes itself then (or in `finish`)."""
+
         def hook(module, args):
             self.captured[layer_idx] = args[0]
+            handle.remove()
 
-        return hook
+        handle = self.model.language_model.layers[layer_idx].register_forward_pre_hook(hook)
+        self.hooks.append(handle)
 
     def enter_group(
         self, group_start: int, group_end: int, hidden_states: torch.Tensor
