@@ -1,0 +1,4 @@
+from .recipe import main
+
+
+main()

@@ -1,0 +1,41 @@
+"""The task's splits on disk: PNG pictures and LLaVA conversation records (the format `twigvlm-train` reads)."""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .questions import Question, scene_questions
+from .scenes import render, sample_scene, scene_rng
+
+
+def scene_record(seed: int, split: str, index: int, image_size: int) -> tuple[dict, list[Question]]:
+    """The scene's conversation record (every question, one turn each) and its questions."""
+    scene = sample_scene(seed, split, index)
+    rng = scene_rng(seed, split, index)
+    rng.random()  # the question draws follow the scene's own
+    questions = scene_questions(scene, split, rng)
+    turns = []
+    for i, question in enumerate(questions):
+        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question.question})
+        turns.append({"from": "gpt", "value": question.answer})
+    record = {"id": f"{split}-{index}", "image": f"{split}/{index:06d}.png", "conversations": turns}
+    return record, questions
+
+
+def write_split(folder: str | os.PathLike, seed: int, split: str, num_scenes: int, image_size: int) -> Path:
+    """
+    Writes `folder/{split}/*.png`, `folder/{split}.json` (multi-turn LLaVA records, for training) and
+    `folder/{split}_questions.json` (one question per item with its family and image, for evaluation).
+    """
+    folder = Path(folder)
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    records, items = [], []
+    for index in range(num_scenes):
+        record, questions = scene_record(seed, split, index, image_size)
+        render(sample_scene(seed, split, index), image_size).save(folder / record["image"])
+        records.append(record)
+        items += [{"image": record["image"], **asdict(question)} for question in questions]
+    (folder / f"{split}.json").write_text(json.dumps(records))
+    (folder / f"{split}_questions.json").write_text(json.dumps(items))
+    return folder / f"{split}.json"
