@@ -14,15 +14,15 @@ from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
 from twigvlm.visualization import show_kept
 
 from .sample import SAMPLE_IMAGE_PATH, default_question
-from .small_model import build_small_twigvlm
+from .bundled_model import BUNDLED_MODEL_DIR, save_bundled_model
 from .streamer import DraftMarkingStreamer
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RANDOM_WEIGHTS_NOTE = (
-    "Note: no --model given, so this runs a small TwigVLM built here with RANDOM weights. It shows the whole path "
-    "(save as a Hub folder, reload with trust_remote_code, prune, generate), but its answer is meaningless words. "
-    "A trained small default model comes later; pass --model PATH_OR_REPO to run a real checkpoint."
+BUNDLED_MODEL_NOTE = (
+    "No --model given: running the small TwigVLM trained in this repository on synthetic pictures of coloured shapes "
+    "(a 12-layer LLaMA, 144 image tokens). It answers questions of that task only: colours, shapes, counts, yes/no, "
+    "what is left/right/above/below an object, 'describe the image.' Pass --model PATH_OR_REPO for a real checkpoint."
 )
 
 
@@ -58,15 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Answer a question about an image with TwigVLM: a LLaVA model whose twig (a few extra layers on an early "
             "layer) ranks the visual tokens, so that the deeper layers run on the most relevant ones only. Prints the "
-            "answer and how many visual tokens each group of layers kept. Without --model it builds a small model "
-            "with random weights, saves it as a Hub-style folder and reloads it, to show the whole path offline."
+            "answer and how many visual tokens each group of layers kept. Without --model it runs the small model "
+            "trained in this repository on synthetic pictures of shapes, saved as a Hub-style folder and reloaded."
         ),
     )
     parser.add_argument(
         "--model",
         metavar="PATH_OR_REPO",
         help="TwigVLM checkpoint: a local folder or a Hub repo id, loaded with trust_remote_code=True. "
-        "Default: the small random-weight model built on the spot.",
+        f"Default: the small model trained here on the synthetic shapes task ({BUNDLED_MODEL_DIR.name}/ in the "
+        "package), saved as a Hub-style folder first.",
     )
     parser.add_argument(
         "--save-dir",
@@ -297,13 +298,11 @@ def run(parser: argparse.ArgumentParser, source: str, args: argparse.Namespace, 
         print(f"Kept-token picture: {args.show_kept}", flush=True)
 
 
-def run_small_model(
+def run_bundled_model(
     parser: argparse.ArgumentParser, folder: Path, args: argparse.Namespace, image: Image.Image, question: str
 ) -> None:
-    """Build the small model, save it as a Hub-style folder and run it from there, as a downloaded checkpoint runs."""
-    model, processor = build_small_twigvlm()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    """Save the bundled model as a Hub-style folder and run it from there, as a downloaded checkpoint runs."""
+    save_bundled_model(folder)
     print(f"Saved the small model as a Hub-style folder: {folder}", flush=True)
     run(parser, str(folder), args, image, question)
 
@@ -322,12 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         run(parser, args.model, args, image, question)
         return 0
 
-    print(RANDOM_WEIGHTS_NOTE, flush=True)
+    print(BUNDLED_MODEL_NOTE, flush=True)
     if args.save_dir is not None:
-        run_small_model(parser, args.save_dir, args, image, question)
+        run_bundled_model(parser, args.save_dir, args, image, question)
     else:
         with tempfile.TemporaryDirectory(prefix="twigvlm-small-") as temporary_dir:
-            run_small_model(parser, Path(temporary_dir) / "twigvlm-small", args, image, question)
+            run_bundled_model(parser, Path(temporary_dir) / "twigvlm-small", args, image, question)
     return 0
 
 

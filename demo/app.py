@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from twigvlm.app.small_model import build_small_twigvlm
+from twigvlm.app.bundled_model import BUNDLED_MODEL_DIR
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
 from twigvlm.evaluation.loading import load_twigvlm
 from twigvlm.evaluation.prompting import chat_inputs
@@ -24,9 +24,9 @@ from twigvlm.visualization import draw_kept_patches, find_kept_patches, model_vi
 
 
 ACCEPTED = "accepted draft"
-RANDOM_WEIGHTS_NOTE = (
-    "Note: no --model given, so the demo runs the small TwigVLM of `twigvlm` with RANDOM weights: the page works, the "
-    "answers are meaningless words. Pass --model PATH_OR_REPO to run a real checkpoint."
+BUNDLED_MODEL_NOTE = (
+    "No --model given: the demo runs the small TwigVLM of `twigvlm`, trained here on synthetic pictures of coloured "
+    "shapes; it answers that task's questions only. Pass --model PATH_OR_REPO to run a real checkpoint."
 )
 
 
@@ -183,7 +183,7 @@ def build_demo(model, processor, methods: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="twigvlm-demo", description=__doc__)
     parser.add_argument(
-        "--model", help="TwigVLM checkpoint folder or Hub repo (default: the small random-weight model of `twigvlm`)"
+        "--model", help="TwigVLM checkpoint folder or Hub repo (default: the small model of `twigvlm`, trained here)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
@@ -193,11 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo sends nothing out unless asked
 
     if args.model is None:
-        print(RANDOM_WEIGHTS_NOTE, flush=True)
-        model, processor = build_small_twigvlm()
-        model.to(args.device)
-    else:
-        model, processor = load_twigvlm(args.model, args.dtype, args.device)
+        print(BUNDLED_MODEL_NOTE, flush=True)
+    model, processor = load_twigvlm(args.model or str(BUNDLED_MODEL_DIR), args.dtype, args.device)
     build_demo(model, processor).queue().launch(server_name=args.host, server_port=args.port)
 
 

@@ -25,9 +25,11 @@ class Recipe:
     twig_attach_layer: int
     num_twig_layers: int
     final_wipe_layer: int
-    train_scenes: int
+    train_scenes: int  # first phase: the short questions in random order, the description last
     base_epochs: float
     base_learning_rate: float
+    continued_scenes: int  # second phase, on further scenes: the description at any turn, as often asked first
+    continued_learning_rate: float
     twig_epochs: float
     twig_learning_rate: float
     batch_size: int
@@ -42,19 +44,20 @@ RECIPES = {
     "cpu": Recipe(
         "cpu", image_size=96, patch_size=8, vision_hidden=128, vision_layers=4, text_hidden=192, text_intermediate=512,
         text_layers=12, text_heads=6, twig_attach_layer=1, num_twig_layers=2, final_wipe_layer=9, train_scenes=20000,
-        base_epochs=1.0, base_learning_rate=1e-3, twig_epochs=0.5, twig_learning_rate=1e-3, batch_size=16,
+        base_epochs=1.0, base_learning_rate=1e-3, continued_scenes=8000, continued_learning_rate=5e-4, twig_epochs=0.5, twig_learning_rate=1e-3, batch_size=16,
     ),
     # Seconds: only for checking that every stage runs (the suite runs it); it learns little.
     "tiny": Recipe(
         "tiny", image_size=48, patch_size=8, vision_hidden=32, vision_layers=3, text_hidden=32, text_intermediate=64,
         text_layers=12, text_heads=2, twig_attach_layer=1, num_twig_layers=2, final_wipe_layer=9, train_scenes=16,
-        base_epochs=1.0, base_learning_rate=1e-3, twig_epochs=1.0, twig_learning_rate=1e-3, batch_size=8,
+        base_epochs=1.0, base_learning_rate=1e-3, continued_scenes=8, continued_learning_rate=5e-4, twig_epochs=1.0, twig_learning_rate=1e-3, batch_size=8,
     ),
     # LLaVA-1.5's 336-pixel, 576-token images; minutes on one H100.
     "gpu": Recipe(
         "gpu", image_size=336, patch_size=14, vision_hidden=256, vision_layers=6, text_hidden=384,
         text_intermediate=1024, text_layers=12, text_heads=6, twig_attach_layer=1, num_twig_layers=2,
-        final_wipe_layer=9, train_scenes=60000, base_epochs=2.0, base_learning_rate=6e-4, twig_epochs=1.0,
+        final_wipe_layer=9, train_scenes=60000, base_epochs=2.0, base_learning_rate=6e-4, continued_scenes=20000,
+        continued_learning_rate=3e-4, twig_epochs=1.0,
         twig_learning_rate=6e-4, batch_size=64,
     ),
 }  # fmt: skip
@@ -98,21 +101,30 @@ def base_config(recipe: Recipe, processor: LlavaProcessor) -> LlavaConfig:
 def train_base(
     recipe: Recipe,
     processor: LlavaProcessor,
-    data_dir: str | os.PathLike,
+    records: str | os.PathLike,
+    image_folder: str | os.PathLike,
     output_dir: str | os.PathLike,
+    learning_rate: float,
+    start_from: str | os.PathLike | None = None,
     max_steps: int = -1,
     seed: int = 0,
 ) -> LlavaForConditionalGeneration:
-    """Trains the whole LLaVA (vision tower included) from scratch on the training split; saves it with `processor`."""
+    """
+    Trains the whole LLaVA (vision tower included), from scratch or from the checkpoint `start_from`, one epoch of
+    `records` with a cosine schedule; saves it with `processor`.
+    """
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(base_config(recipe, processor))
-    dataset = LlavaConversationDataset(os.path.join(data_dir, "train.json"), processor, image_folder=data_dir)
+    if start_from is None:
+        model = LlavaForConditionalGeneration(base_config(recipe, processor))
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(start_from, dtype=torch.float32)
+    dataset = LlavaConversationDataset(records, processor, image_folder=image_folder)
     arguments = TrainingArguments(
         output_dir=os.fspath(output_dir),
         per_device_train_batch_size=recipe.batch_size,
         num_train_epochs=recipe.base_epochs,
         max_steps=max_steps,
-        learning_rate=recipe.base_learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.05,

@@ -101,16 +101,17 @@ def describe_question(scene: Scene) -> Question:
     return Question("describe", "describe the image.", describe(scene))
 
 
-def scene_questions(scene: Scene, split: str, rng: random.Random) -> list[Question]:
-    """One question of each family, the four short ones in random order, the description last."""
-    short = [
+def scene_questions(scene: Scene, split: str, rng: random.Random, describe_last: bool = True) -> list[Question]:
+    """One question of each family, the four short ones in random order, the description last or anywhere."""
+    questions = [
         attribute_question(scene, rng),
         counting_question(scene, rng),
         existence_question(scene, split, rng),
         spatial_question(scene, rng),
     ]
-    rng.shuffle(short)
-    return short + [describe_question(scene)]
+    rng.shuffle(questions)
+    questions.insert(len(questions) if describe_last else rng.randrange(len(questions) + 1), describe_question(scene))
+    return questions
 
 
 def normalize_answer(text: str) -> str:

@@ -33,7 +33,9 @@ from .tables import (
 from .tokenizer import build_task_processor
 
 
-def train_twig(recipe: Recipe, base_dir: Path, data_dir: Path, output_dir: Path, max_steps: int) -> Path:
+def train_twig(
+    recipe: Recipe, base_dir: Path, records: Path, image_folder: Path, output_dir: Path, max_steps: int
+) -> Path:
     """Grows the twig from base layers K..K+T-1 and trains it with the project's twig trainer; the full model's folder."""
     train_twig_main(
         [
@@ -41,8 +43,8 @@ def train_twig(recipe: Recipe, base_dir: Path, data_dir: Path, output_dir: Path,
             f"--twig_attach_layer={recipe.twig_attach_layer}",
             f"--num_twig_layers={recipe.num_twig_layers}",
             f"--final_wipe_layer={recipe.final_wipe_layer}",
-            f"--data_path={data_dir / 'train.json'}",
-            f"--image_folder={data_dir}",
+            f"--data_path={records}",
+            f"--image_folder={image_folder}",
             f"--output_dir={output_dir}",
             f"--learning_rate={recipe.twig_learning_rate}",
             f"--num_train_epochs={recipe.twig_epochs}",
@@ -95,6 +97,7 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
     output.mkdir(parents=True, exist_ok=True)
     timings = {}
     data_dir, base_dir, twig_dir, model_dir = output / "data", output / "base", output / "twig", output / "model"
+    continued_dir = output / "base_continued"
 
     def stage(name: str, done: bool, work) -> None:
         if done:
@@ -107,14 +110,37 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
         print(f"[{name}] {timings[name]:.0f} s", flush=True)
 
     processor = build_task_processor(recipe.image_size, recipe.patch_size)
-    splits = {"train": recipe.train_scenes, "validation": max(20, recipe.train_scenes // 50), "test": eval_scenes(recipe)}
     stage(
         "data",
         (data_dir / "test.json").exists(),
-        lambda: [write_split(data_dir, seed, split, count, recipe.image_size) for split, count in splits.items()],
+        lambda: write_all_data(recipe, data_dir, seed),
     )
-    stage("base", (base_dir / "config.json").exists(), lambda: train_base(recipe, processor, data_dir, base_dir, max_steps))
-    stage("twig", (twig_dir / "twigvlm" / "config.json").exists(), lambda: train_twig(recipe, base_dir, data_dir, twig_dir, max_steps))
+    stage(
+        "base",
+        (base_dir / "config.json").exists(),
+        lambda: train_base(
+            recipe, processor, data_dir / "train.json", data_dir, base_dir, recipe.base_learning_rate, None, max_steps
+        ),
+    )
+    stage(
+        "base_continued",
+        (continued_dir / "config.json").exists(),
+        lambda: train_base(
+            recipe,
+            processor,
+            data_dir / "train_continued.json",
+            data_dir,
+            continued_dir,
+            recipe.continued_learning_rate,
+            base_dir,
+            max_steps,
+        ),
+    )
+    stage(
+        "twig",
+        (twig_dir / "twigvlm" / "config.json").exists(),
+        lambda: train_twig(recipe, continued_dir, data_dir / "train_continued.json", data_dir, twig_dir, max_steps),
+    )
     stage("checkpoint", (model_dir / "config.json").exists(), lambda: finish_checkpoint(twig_dir / "twigvlm", model_dir, recipe))
     model = TwigVLMForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
@@ -132,8 +158,21 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
     return tables
 
 
-def eval_scenes(recipe: Recipe) -> int:
-    return max(10, recipe.train_scenes // 40)
+def write_all_data(recipe: Recipe, data_dir: Path, seed: int) -> None:
+    """The training scenes of both base phases, validation and test; images are written once per scene."""
+    write_split(data_dir, seed, "train", recipe.train_scenes, recipe.image_size)
+    write_split(
+        data_dir,
+        seed,
+        "train",
+        recipe.continued_scenes,
+        recipe.image_size,
+        first_scene=recipe.train_scenes,
+        name="train_continued",
+        describe_last=False,
+    )
+    write_split(data_dir, seed, "validation", max(20, recipe.train_scenes // 50), recipe.image_size)
+    write_split(data_dir, seed, "test", max(10, recipe.train_scenes // 40), recipe.image_size)
 
 
 def main(argv: list[str] | None = None) -> None:

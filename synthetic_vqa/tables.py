@@ -43,7 +43,10 @@ def method_settings(method: str, paper_budget: int, model: TwigVLMForConditional
     num_layers = config.text_config.num_hidden_layers
     budget = PAPER_BUDGETS[paper_budget] * config.image_seq_length
     settings = {"token_reduction": method, "visual_token_budget": budget}
-    scaled = lambda layers: tuple(sorted({scaled_layer(layer, num_layers) for layer in layers}))  # noqa: E731
+
+    def scaled(layers: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted({scaled_layer(layer, num_layers) for layer in layers}))
+
     if method == "fastv":
         settings["token_reduction_options"] = {"layer": config.twig_attach_layer}
     elif method == "sparsevlm":
@@ -74,12 +77,13 @@ def method_settings(method: str, paper_budget: int, model: TwigVLMForConditional
     return settings
 
 
-def mean_visual_tokens(cache, num_layers: int) -> list[float]:
+def mean_visual_tokens(cache, num_layers: int, batch_size: int) -> list[float]:
     """R̄ of each sample: the visual tokens each base layer processed, averaged over the layers."""
     if cache.token_reduction_report is not None:
         return list(cache.token_reduction_report.mean_visual_tokens_per_layer)
+    # TTP and no reduction keep the same count in every row; the cache lists it per group of layers.
     groups = cache.visual_token_counts
-    return [sum((end - start) * kept for start, end, kept in groups) / num_layers]
+    return [sum((end - start) * kept for start, end, kept in groups) / num_layers] * batch_size
 
 
 def load_items(folder: Path, split: str, limit: int | None) -> list[dict]:
@@ -128,9 +132,7 @@ def answer_all(
         )
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         answers += processor.batch_decode(new_tokens, skip_special_tokens=True)
-        visual_tokens += mean_visual_tokens(output.past_key_values, num_layers) * (
-            1 if output.past_key_values.token_reduction_report is not None else len(batch)
-        )
+        visual_tokens += mean_visual_tokens(output.past_key_values, num_layers, len(batch))
     return answers, visual_tokens
 
 
@@ -194,7 +196,8 @@ def speculative_table(
     log: Callable[[str], None] = print,
 ) -> dict:
     """
-    Long answers ("describe the image") one prompt at a time: tokens/s of transformers' LLaVA on the same base weights,
+    Long answers ("describe the image", all of `LONG_ANSWER_TOKENS` tokens: EOS is suppressed so that every
+    configuration decodes as much) one prompt at a time: tokens/s of transformers' LLaVA on the same base weights,
     TwigVLM unpruned, SSD alone, TTP alone and TTP + SSD at the three budgets, measured in turns on every prompt;
     SSD's acceptance rate; and how many answers equal LLaVA's (greedy decoding must not change them).
     """
@@ -224,7 +227,8 @@ def speculative_table(
         )
         sequences = {}
         for name, (runner, settings) in configurations.items():
-            seconds, tokens, output = timed_generate(runner, inputs, {**settings, "max_new_tokens": LONG_ANSWER_TOKENS})
+            length = {"max_new_tokens": LONG_ANSWER_TOKENS, "min_new_tokens": LONG_ANSWER_TOKENS}  # EOS suppressed
+            seconds, tokens, output = timed_generate(runner, inputs, {**settings, **length})
             total = totals[name]
             total["seconds"] += seconds
             total["tokens"] += tokens

@@ -1,15 +1,14 @@
-"""A small TwigVLM with random weights and a word-level tokenizer, built here in well under a second (no download)."""
+"""A small TwigVLM with random weights and a word-level tokenizer, built in well under a second, for the program's tests."""
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 from twigvlm import TwigVLMConfig, TwigVLMForConditionalGeneration
 from twigvlm.conversion.processing import IMAGE_TOKEN, build_llava15_processor
+from twigvlm.synthetic_vqa.tokenizer import build_word_tokenizer
 
 
 IMAGE_SIZE, PATCH_SIZE = 112, 14
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 # Common English words, the words of LLaVA-1.5's prompt and words about the sample picture. The tokenizer lowercases.
 WORDS = """
 . , ? ! ' : ; - ( ) " s t 0 1 2 3 4 5 6 7 8 9 ten
@@ -34,21 +33,8 @@ follow stop create speak read allow add spend grow open walk win offer remember 
 serve die send expect build stay fall cut reach kill remain suggest raise pass sell require report decide pull
 well still even now then always never often sometimes together however really almost enough quite already
 """
-VOCAB = SPECIAL_TOKENS + [IMAGE_TOKEN] + list(dict.fromkeys(WORDS.split()))
-
-
-def build_word_tokenizer() -> PreTrainedTokenizerFast:
-    """A lowercasing word-level tokenizer that adds `<s>` in front, like LLaMA's; unknown words become `<unk>`."""
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(VOCAB)}, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", VOCAB.index("<s>"))]
-    )
-    tokenizer.add_special_tokens(SPECIAL_TOKENS + [IMAGE_TOKEN])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+def small_word_tokenizer() -> PreTrainedTokenizerFast:
+    return build_word_tokenizer(WORDS.split())
 
 
 def small_twigvlm_config(tokenizer: PreTrainedTokenizerFast) -> TwigVLMConfig:
@@ -93,7 +79,7 @@ def small_twigvlm_config(tokenizer: PreTrainedTokenizerFast) -> TwigVLMConfig:
 
 def build_small_twigvlm(seed: int = 0) -> tuple[TwigVLMForConditionalGeneration, LlavaProcessor]:
     """The small TwigVLM and its LLaVA-1.5 processor; the same seed gives the same weights."""
-    tokenizer = build_word_tokenizer()
+    tokenizer = small_word_tokenizer()
     processor = build_llava15_processor(tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     config = small_twigvlm_config(processor.tokenizer)
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
@@ -108,6 +94,3 @@ def build_small_twigvlm(seed: int = 0) -> tuple[TwigVLMForConditionalGeneration,
         begin_suppress_tokens=[tokenizer.eos_token_id],
     )
     return model, processor
-
-
-__all__ = ["build_small_twigvlm", "build_word_tokenizer"]

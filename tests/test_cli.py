@@ -1,4 +1,4 @@
-"""The `twigvlm` program run in-process: the default small model, a saved checkpoint, the options, bad input."""
+"""The `twigvlm` program run in-process: the bundled model's folder, a saved checkpoint, the options, bad input."""
 
 import json
 import re
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from small_random_model import build_small_twigvlm
 from twigvlm.app.cli import main
 from twigvlm.app.sample import SAMPLE_IMAGE_PATH, default_question, draw_sample_image
-from twigvlm.app.small_model import build_small_twigvlm
 
 
 GROUP_LINE = re.compile(r"^\s+layers\s+(\d+)-(\d+)\s+(\d+)$", re.MULTILINE)
@@ -27,22 +27,23 @@ def run_program(capsys, *argv: str) -> tuple[str, str, list[tuple[int, int, int]
 
 @pytest.fixture(scope="module")
 def saved_small_model(tmp_path_factory):
-    """The default run with --save-dir: its folder is then a checkpoint for --model."""
+    """A small random-weight TwigVLM saved as a Hub-style folder (8 layers, 64 image tokens, budget 24)."""
     folder = tmp_path_factory.mktemp("small") / "twigvlm-small"
-    assert main(["--save-dir", str(folder), "--max-new-tokens", "1"]) == 0
+    model, processor = build_small_twigvlm()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
-def test_default_runs_the_small_model_and_reports_the_kept_tokens(capsys, tmp_path):
+def test_default_runs_the_bundled_model_from_a_hub_style_folder(capsys, tmp_path):
     folder = tmp_path / "checkpoint"
     output, answer, groups = run_program(capsys, "--save-dir", str(folder), "--max-new-tokens", "6")
 
-    assert "RANDOM weights" in output
+    assert "trained in this repository" in output
     assert f"Question: {default_question()}" in output
-    assert 1 <= len(answer.split()) <= 6
-    # 64 image tokens; the budget of 24 per layer keeps 16 for layers 2..5, and FinalWipe drops all from layer 6.
-    assert groups == [(0, 1, 64), (2, 5, 16), (6, 7, 0)]
-    assert "average over the 8 layers: 24" in output
+    assert answer
+    # 144 image tokens; the default budget of 32 per layer keeps 30 for layers 1..8, FinalWipe drops all from layer 9.
+    assert groups == [(0, 0, 144), (1, 8, 30), (9, 11, 0)]
     # What was run is a Hub-style folder with the remote code and the library processor.
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_twigvlm.TwigVLMForConditionalGeneration"

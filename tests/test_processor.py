@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoProcessor, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from twigvlm.app.small_model import build_word_tokenizer
+from small_random_model import small_word_tokenizer
 from twigvlm.conversion.processing import LLAVA_V15_CHAT_TEMPLATE, build_llava15_processor
 
 
@@ -44,7 +44,7 @@ def user_turn(question: str) -> dict:
 
 @pytest.mark.parametrize("image_size, patch_size", [(336, 14), (112, 14), (224, 16)])
 def test_image_token_expands_to_one_token_per_patch(image_size, patch_size):
-    processor = build_llava15_processor(build_word_tokenizer(), image_size=image_size, patch_size=patch_size)
+    processor = build_llava15_processor(small_word_tokenizer(), image_size=image_size, patch_size=patch_size)
     prompt = processor.apply_chat_template([user_turn("What is in the picture?")], add_generation_prompt=True)
     inputs = processor(images=striped_image(90, 50), text=prompt, return_tensors="pt")
 
@@ -55,7 +55,7 @@ def test_image_token_expands_to_one_token_per_patch(image_size, patch_size):
 
 @pytest.mark.parametrize("width, height", [(120, 40), (30, 100), (64, 64)])
 def test_pixels_equal_llava15_preprocessing(width, height):
-    processor = build_llava15_processor(build_word_tokenizer(), image_size=112)
+    processor = build_llava15_processor(small_word_tokenizer(), image_size=112)
     image = striped_image(width, height)
     pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixel_values, llava15_reference_pixels(image, 112), atol=1e-5, rtol=0)
@@ -63,7 +63,7 @@ def test_pixels_equal_llava15_preprocessing(width, height):
 
 def test_padding_is_the_mean_colour():
     """A wide white image: the rows above and below it hold LLaVA's background `int(255 * mean)`, normalised ~0."""
-    processor = build_llava15_processor(build_word_tokenizer(), image_size=112)
+    processor = build_llava15_processor(small_word_tokenizer(), image_size=112)
     image = Image.new("RGB", (200, 50), (255, 255, 255))  # the image covers rows 42..69 of the 112 after padding
     pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
@@ -78,7 +78,7 @@ def test_padding_is_the_mean_colour():
 
 
 def test_chat_template_renders_the_llava15_prompt():
-    processor = build_llava15_processor(build_word_tokenizer())
+    processor = build_llava15_processor(small_word_tokenizer())
     prompt = processor.apply_chat_template([user_turn("What is shown here?")], add_generation_prompt=True)
     assert prompt == f"{SYSTEM} USER: <image>\nWhat is shown here? ASSISTANT:"
 
@@ -101,14 +101,14 @@ def test_chat_template_renders_the_llava15_prompt():
 
 
 def test_chat_template_refuses_unknown_roles():
-    processor = build_llava15_processor(build_word_tokenizer())
+    processor = build_llava15_processor(small_word_tokenizer())
     with pytest.raises(Exception, match="user and assistant turns"):
         processor.apply_chat_template([{"role": "tool", "content": "42"}])
 
 
 def test_prompt_tokens_start_with_one_bos():
     """The template has no `<s>`: the tokenizer adds it once, as LLaVA-1.5's `tokenizer_image_token` does."""
-    processor = build_llava15_processor(build_word_tokenizer(), image_size=112)
+    processor = build_llava15_processor(small_word_tokenizer(), image_size=112)
     prompt = processor.apply_chat_template([user_turn("What is this?")], add_generation_prompt=True)
     input_ids = processor(images=striped_image(40, 40), text=prompt)["input_ids"][0]
     assert input_ids[0] == processor.tokenizer.bos_token_id
@@ -129,7 +129,7 @@ def test_image_token_is_added_to_a_tokenizer_without_it():
 
 
 def test_save_and_auto_processor_round_trip(tmp_path):
-    processor = build_llava15_processor(build_word_tokenizer(), image_size=112)
+    processor = build_llava15_processor(small_word_tokenizer(), image_size=112)
     processor.save_pretrained(tmp_path)
     reloaded = AutoProcessor.from_pretrained(tmp_path)
 
