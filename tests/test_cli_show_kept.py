@@ -4,14 +4,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from small_random_model import build_small_twigvlm
 from twigvlm.app.cli import main
 from twigvlm.visualization.kept_tokens import GAP, MARGIN, TITLE_HEIGHT
 
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
+    """The small random-weight TwigVLM (112 px, 8×8 patches) saved as a Hub-style folder."""
     folder = tmp_path_factory.mktemp("small") / "twigvlm-small"
-    assert main(["--save-dir", str(folder), "--max-new-tokens", "1"]) == 0
+    model, processor = build_small_twigvlm()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
