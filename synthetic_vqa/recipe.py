@@ -62,7 +62,7 @@ def train_twig(
     return output_dir / "twigvlm"
 
 
-def finish_checkpoint(trained_dir: Path, output_dir: Path, recipe: Recipe) -> TwigVLMForConditionalGeneration:
+def finish_checkpoint(trained_dir: Path, output_dir: Path, recipe: Recipe) -> None:
     """The shipped checkpoint: float16 weights, the 128-of-576 share as default budget, the answer's tokens only."""
     model = TwigVLMForConditionalGeneration.from_pretrained(trained_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(trained_dir, trust_remote_code=True)
@@ -80,7 +80,6 @@ def finish_checkpoint(trained_dir: Path, output_dir: Path, recipe: Recipe) -> Tw
     processor.save_pretrained(staging)
     shutil.rmtree(output_dir, ignore_errors=True)
     staging.rename(output_dir)
-    return TwigVLMForConditionalGeneration.from_pretrained(output_dir, dtype=torch.float32).eval()
 
 
 def fixed_subset_accuracy(model, processor, folder: Path, seed: int, image_size: int, scenes: int = 20) -> float:

@@ -128,20 +128,26 @@ def object_center(obj: SceneObject, image_size: int, rng: random.Random) -> tupl
     )
 
 
+def picture_draws(scene: Scene, image_size: int) -> tuple[int | None, list[tuple[float, float]]]:
+    """The random draws of the scene's picture: the pixel noise's seed (None without noise) and each object's centre."""
+    rng = random.Random(f"render/{scene.seed}/{image_size}")
+    noise_seed = rng.getrandbits(32) if scene.noise else None
+    return noise_seed, [object_center(obj, image_size, rng) for obj in scene.objects]
+
+
 def render(scene: Scene, image_size: int) -> Image.Image:
     """The scene's picture, `image_size` pixels square; the same scene always gives the same pixels."""
-    rng = random.Random(f"render/{scene.seed}/{image_size}")
+    noise_seed, centers = picture_draws(scene, image_size)
     top = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     bottom = np.array(BACKGROUNDS[scene.gradient_to or scene.background], dtype=np.float32)
     fade = np.linspace(0.0, 1.0, image_size, dtype=np.float32)[:, None, None]
     pixels = np.broadcast_to(top + (bottom - top) * fade, (image_size, image_size, 3)).copy()
-    if scene.noise:
-        noise_rng = np.random.default_rng(rng.getrandbits(32))
+    if noise_seed is not None:
+        noise_rng = np.random.default_rng(noise_seed)
         pixels += noise_rng.normal(0.0, scene.noise, pixels.shape).astype(np.float32)
     image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        center_x, center_y = object_center(obj, image_size, rng)
+    for obj, (center_x, center_y) in zip(scene.objects, centers):
         half = HALF_EXTENT[obj.size] * image_size / GRID
         outline = shape_outline(obj.shape, center_x, center_y, half)
         if outline is None:
@@ -149,11 +155,3 @@ def render(scene: Scene, image_size: int) -> Image.Image:
         else:
             draw.polygon(outline, fill=COLORS[obj.color])
     return image
-
-
-def object_centers(scene: Scene, image_size: int) -> list[tuple[float, float]]:
-    """Where `render` puts each object's centre (the same jitter draws, in the same order)."""
-    rng = random.Random(f"render/{scene.seed}/{image_size}")
-    if scene.noise:
-        rng.getrandbits(32)
-    return [object_center(obj, image_size, rng) for obj in scene.objects]

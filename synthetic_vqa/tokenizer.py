@@ -10,9 +10,11 @@ from .questions import task_words
 
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-# The words of LLaVA-1.5's conversation template (system prompt and roles), which every prompt holds.
-TEMPLATE_WORDS = (VICUNA_V1_SYSTEM + " USER: ASSISTANT:").lower().replace(".", " . ").replace(",", " , ")
-TEMPLATE_WORDS = TEMPLATE_WORDS.replace("'", " ' ").replace(":", " : ").split()
+# The words of LLaVA-1.5's conversation template (system prompt and roles), which every prompt holds, split as the
+# tokenizer splits them.
+TEMPLATE_WORDS = [
+    word.lower() for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(VICUNA_V1_SYSTEM + " USER: ASSISTANT:")
+]
 
 
 def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -32,5 +34,5 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 def build_task_processor(image_size: int, patch_size: int) -> LlavaProcessor:
     """LLaVA-1.5's processor (CLIP preprocessing, vicuna_v1 template) over the task's word-level tokenizer."""
-    tokenizer = build_word_tokenizer(TEMPLATE_WORDS + [".", ",", "?", "'"] + task_words())
+    tokenizer = build_word_tokenizer(TEMPLATE_WORDS + ["?"] + task_words())
     return build_llava15_processor(tokenizer, image_size=image_size, patch_size=patch_size)

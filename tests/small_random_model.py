@@ -94,3 +94,10 @@ def build_small_twigvlm(seed: int = 0) -> tuple[TwigVLMForConditionalGeneration,
         begin_suppress_tokens=[tokenizer.eos_token_id],
     )
     return model, processor
+
+
+def save_small_twigvlm(folder) -> None:
+    """The small TwigVLM (seed 0) and its processor as a Hub-style folder."""
+    model, processor = build_small_twigvlm()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from small_random_model import build_small_twigvlm
+from small_random_model import build_small_twigvlm, save_small_twigvlm
 from twigvlm.app.cli import main
 from twigvlm.app.sample import SAMPLE_IMAGE_PATH, default_question, draw_sample_image
 
@@ -29,9 +29,7 @@ def run_program(capsys, *argv: str) -> tuple[str, str, list[tuple[int, int, int]
 def saved_small_model(tmp_path_factory):
     """A small random-weight TwigVLM saved as a Hub-style folder (8 layers, 64 image tokens, budget 24)."""
     folder = tmp_path_factory.mktemp("small") / "twigvlm-small"
-    model, processor = build_small_twigvlm()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_small_twigvlm(folder)
     return folder
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from small_random_model import build_small_twigvlm
+from small_random_model import save_small_twigvlm
 from twigvlm.app.cli import main
 from twigvlm.visualization.kept_tokens import GAP, MARGIN, TITLE_HEIGHT
 
@@ -13,9 +13,7 @@ from twigvlm.visualization.kept_tokens import GAP, MARGIN, TITLE_HEIGHT
 def small_checkpoint(tmp_path_factory):
     """The small random-weight TwigVLM (112 px, 8×8 patches) saved as a Hub-style folder."""
     folder = tmp_path_factory.mktemp("small") / "twigvlm-small"
-    model, processor = build_small_twigvlm()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_small_twigvlm(folder)
     return folder
 
 

@@ -12,7 +12,7 @@ from twigvlm.synthetic_vqa.scenes import (
     GRID,
     HELD_OUT_PAIRS,
     SHAPES,
-    object_centers,
+    picture_draws,
     render,
     sample_scene,
 )
@@ -37,7 +37,7 @@ def objects_seen_in_picture(scene, image) -> dict[int, str]:
     """Reads the picture back: each cell's object colour, from the pixel at the object's centre (nearest colour)."""
     pixels = np.asarray(image).astype(float)
     seen = {}
-    for obj, (x, y) in zip(scene.objects, object_centers(scene, IMAGE_SIZE)):
+    for obj, (x, y) in zip(scene.objects, picture_draws(scene, IMAGE_SIZE)[1]):
         pixel = pixels[int(y), int(x)]
         seen[obj.cell] = min(COLORS, key=lambda name: np.abs(pixel - COLORS[name]).sum())
     return seen
