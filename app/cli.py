@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
+from twigvlm import output_cache
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
 from twigvlm.visualization import show_kept
 
@@ -238,7 +239,7 @@ def answer(model, processor, image: Image.Image, question: str, kwargs: dict):
     print("Answer: ", end="", flush=True)
     with torch.inference_mode():
         outputs = model.generate(**inputs, **kwargs, streamer=DraftMarkingStreamer(processor.tokenizer))
-    return outputs.past_key_values
+    return output_cache(outputs)
 
 
 def format_speculation_stats(stats) -> str:

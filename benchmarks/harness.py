@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
+from twigvlm import output_cache
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
 from twigvlm.token_reduction_twigvlm import supported_token_reductions
 
@@ -93,7 +94,7 @@ def default_configurations(
 
 def speculation_of(output) -> costs.Speculation | None:
     """What self-speculative decoding did in one `generate` (None without it); TwigVLM keeps it on its cache."""
-    stats = getattr(output.past_key_values, "speculation_stats", None)
+    stats = getattr(output_cache(output), "speculation_stats", None)
     if stats is None:
         return None
     return costs.Speculation(stats.rounds, stats.drafted_tokens, stats.accepted_tokens)
@@ -101,7 +102,7 @@ def speculation_of(output) -> costs.Speculation | None:
 
 def token_groups(output, model_name: str, num_layers: int, prompt_length: int, num_image_tokens: int) -> list[tuple[int, int, int]]:
     """`(first layer, end layer, prompt tokens held)` per layer group, as the prefill left them."""
-    counts = getattr(output.past_key_values, "visual_token_counts", None)
+    counts = getattr(output_cache(output), "visual_token_counts", None)
     if model_name == "llava" or not counts:
         return [(0, num_layers, prompt_length)]
     text = prompt_length - num_image_tokens

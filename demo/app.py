@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
+from twigvlm import output_cache
 from twigvlm.app.bundled_model import BUNDLED_MODEL_DIR
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
 from twigvlm.evaluation.loading import load_twigvlm
@@ -127,7 +128,7 @@ def answer_stream(
     if "error" in result:
         raise result["error"]
     seconds = time.perf_counter() - started
-    cache = result["output"].past_key_values
+    cache = output_cache(result["output"])
     stats = {
         **pruning_record(cache, model.config.text_config.num_hidden_layers),
         **speculation_record(cache),

@@ -19,6 +19,8 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from twigvlm import output_cache
+
 from .loading import load_twigvlm
 from .prompting import chat_inputs, chat_prompt, encode
 from .statistics import pruning_record, speculation_record
@@ -170,8 +172,8 @@ class TwigVLM(lmms):
         seconds = time.perf_counter() - started
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         shared = {
-            **pruning_record(output.past_key_values, self.model.config.text_config.num_hidden_layers),
-            **speculation_record(output.past_key_values),
+            **pruning_record(output_cache(output), self.model.config.text_config.num_hidden_layers),
+            **speculation_record(output_cache(output)),
             "token_reduction": self.generation_options.get("token_reduction", self.model.config.token_reduction),
             "speculative": self.speculative,
             "batch_seconds": seconds,
@@ -224,12 +226,12 @@ class TwigVLM(lmms):
             prefill = self.model(**prompt, **self.generation_options, use_cache=True, logits_to_keep=1)
             logits = [prefill.logits[:, -1:]]
             if continuation_ids.shape[1] > 1:
-                rest = self.model(input_ids=continuation_ids[:, :-1], past_key_values=prefill.past_key_values)
+                rest = self.model(input_ids=continuation_ids[:, :-1], cache=output_cache(prefill))
                 logits.append(rest.logits)
         log_probs = torch.cat(logits, dim=1).float().log_softmax(dim=-1)
         total = log_probs.gather(-1, continuation_ids[..., None]).sum()
         is_greedy = bool((log_probs.argmax(dim=-1) == continuation_ids).all())
-        return (float(total), is_greedy), prefill.past_key_values
+        return (float(total), is_greedy), output_cache(prefill)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(

@@ -91,7 +91,7 @@ class TwigDraftCandidateGenerator(CandidateGenerator):
         # Every layer holds all tokens but the last one, which the verifier has just chosen.
         candidate_ids, draft_logits, next_input = input_ids, [], input_ids[:, -1:]
         for _ in range(max_new):
-            twig_outputs = self.model.model.twig_forward(input_ids=next_input, past_key_values=self.cache)
+            twig_outputs = self.model.model.twig_forward(input_ids=next_input, cache=self.cache)
             self.cache.add_draft_attach_hidden_states(twig_outputs.attach_layer_hidden_states)
             logits = self.model.model.twig.lm_head(twig_outputs.last_hidden_state[:, -1]).float()
             logits = self.logits_processor(candidate_ids, logits)

@@ -20,6 +20,7 @@ from transformers.models.llava.modeling_llava import (
 )
 
 from .cache_twigvlm import TwigVLMCache
+from .compat_twigvlm import CACHE_NAME, IMAGE_OUTPUTS_FIELD, image_output_fields, output_cache
 from .configuration_twigvlm import TwigVLMConfig
 from .generation_twigvlm import TwigDraftCandidateGenerator, speculative_generation_defaults
 from .pruning_twigvlm import (
@@ -43,7 +44,7 @@ class TwigModelOutput(ModelOutput):
 
     last_hidden_state: torch.Tensor | None = None
     attach_layer_hidden_states: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TwigCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 class TwigVLMTwig(nn.Module):
@@ -76,7 +77,7 @@ class TwigVLMTwig(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: Cache,
+        cache: Cache,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the hidden states entering the last twig layer (token pruning scores them) and leaving the twig."""
@@ -86,7 +87,7 @@ class TwigVLMTwig(nn.Module):
                 hidden_states,
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                **{CACHE_NAME: cache},
                 use_cache=True,
                 **kwargs,
             )
@@ -123,8 +124,8 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         pixel_values: torch.Tensor | None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
         **image_kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Token embeddings with the projected image features in place; also the image-token mask and the features."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, BaseModelOutputWithPooling | None]:
+        """Token embeddings with the projected image features in place; also the image-token mask and the images' outputs."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -142,7 +143,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
         inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
-        return inputs_embeds, special_image_mask[..., 0], image_features
+        return inputs_embeds, special_image_mask[..., 0], image_outputs
 
     def forward(
         self,
@@ -150,7 +151,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -162,9 +163,12 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         token_reduction_options: dict | None = None,
         visual_token_budget: float | None = None,
         num_kept_visual_tokens: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LlavaModelOutputWithPast:
         r"""
+        cache (`TwigVLMCache`, *optional*):
+            The KV cache; `past_key_values` is its name before transformers 5.24 and is accepted as well.
         token_reduction (`str`, *optional*):
             `"twig"` (twig-guided token pruning), `"none"`, or a method TwigVLM is compared against (`"fastv"`,
             `"sparsevlm"`, `"visionzip"`, `"fastervlm"`, `"illava"`, `"mustdrop"`, `"random"`, `"pooling"`; see
@@ -193,11 +197,13 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             vision_feature_layer,
             vision_feature_select_strategy,
         )
-        cache = past_key_values if past_key_values is not None else TwigVLMCache(self.config)
-        if not hasattr(cache, "layer_groups"):
+        cache = cache if cache is not None else past_key_values
+        if cache is None:
+            cache = TwigVLMCache(self.config)
+        elif not hasattr(cache, "layer_groups"):
             raise TypeError(
                 f"TwigVLM needs its own TwigVLMCache (layers of different lengths plus the twig's), got "
-                f"{type(past_key_values).__name__}; pass past_key_values=None to let the model create it."
+                f"{type(cache).__name__}; pass {CACHE_NAME}=None to let the model create it."
             )
         if output_hidden_states:
             raise ValueError(
@@ -219,7 +225,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             input_ids, inputs_embeds, pixel_values, mm_encoder_outputs = run.reduce_images(
                 input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
             )
-        inputs_embeds, image_token_mask, image_features = self.embed_inputs(
+        inputs_embeds, image_token_mask, image_outputs = self.embed_inputs(
             input_ids,
             inputs_embeds,
             pixel_values,
@@ -264,8 +270,8 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         hidden_states = self.language_model.norm(hidden_states)
         return LlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
-            image_hidden_states=image_features,
+            **{CACHE_NAME: cache if use_cache else None},
+            **image_output_fields(image_outputs),
         )
 
     def run_layer_group(
@@ -283,7 +289,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             config=self.config.text_config,
             inputs_embeds=hidden_states,
             attention_mask=cache.group_attention_mask(attention_mask, group_start),
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             layer_idx=group_start,
         )
         for decoder_layer in self.language_model.layers[group_start:group_end]:
@@ -291,7 +297,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=cache,
+                **{CACHE_NAME: cache},
                 use_cache=True,
                 **kwargs,
             )
@@ -310,7 +316,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             config=self.config.text_config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             layer_idx=cache.twig_layer_indices[0] if cache is not None else None,
         )
         return self.twig(hidden_states, twig_mask, position_embeddings, cache, **kwargs)
@@ -321,7 +327,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -347,7 +353,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         )
         batch_size, seq_length = inputs_embeds.shape[:2]
         if position_ids is None:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_length = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
         position_ids = position_ids.expand(batch_size, -1)
         position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)
@@ -357,7 +363,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             config=self.config.text_config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             layer_idx=0,
         )
         for decoder_layer in self.language_model.layers[: self.config.twig_attach_layer]:
@@ -365,17 +371,15 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
                 hidden_states,
                 attention_mask=shallow_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
+                **{CACHE_NAME: cache},
+                use_cache=cache is not None,
                 **kwargs,
             )
-        _, twig_hidden_states = self.run_twig(
-            hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
-        )
+        _, twig_hidden_states = self.run_twig(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         return TwigModelOutput(
             last_hidden_state=self.twig.norm(twig_hidden_states),
             attach_layer_hidden_states=hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
         )
 
     def num_kept_visual_tokens(
@@ -436,7 +440,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -450,9 +454,12 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         token_reduction_options: dict | None = None,
         visual_token_budget: float | None = None,
         num_kept_visual_tokens: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutputWithPast:
         r"""
+        cache (`TwigVLMCache`, *optional*):
+            The KV cache; `past_key_values` is its name before transformers 5.24 and is accepted as well.
         token_reduction (`str`, *optional*):
             `"twig"` (twig-guided token pruning), `"none"`, or a method TwigVLM is compared against (`"fastv"`,
             `"sparsevlm"`, `"visionzip"`, `"fastervlm"`, `"illava"`, `"mustdrop"`, `"random"`, `"pooling"`; see
@@ -471,7 +478,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
@@ -503,9 +510,9 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         return LlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
-            image_hidden_states=outputs.image_hidden_states,
+            **{IMAGE_OUTPUTS_FIELD: getattr(outputs, IMAGE_OUTPUTS_FIELD)},
         )
 
     def twig_forward(
@@ -526,7 +533,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return TwigCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return TwigCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache)
 
     def _prepare_generation_config(self, generation_config, speculative_decoding: bool | None = None, **kwargs):
         """
@@ -599,7 +606,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
                 target_tokenizer=target_tokenizer,
                 assistant_tokenizer=assistant_tokenizer,
             )
-        return TwigDraftCandidateGenerator(self, generation_config, logits_processor, model_kwargs["past_key_values"])
+        return TwigDraftCandidateGenerator(self, generation_config, logits_processor, model_kwargs[CACHE_NAME])
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """A token reduction that acts in the vision tower encodes the images in the prefill, where it reduces them."""
@@ -617,7 +624,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
                 f"cache_implementation={generation_config.cache_implementation!r} cannot hold the different lengths "
                 "per layer that token pruning leaves; leave cache_implementation unset (a dynamic TwigVLMCache)."
             )
-        if model_kwargs.get("past_key_values") is not None:
+        if model_kwargs.get(CACHE_NAME) is not None:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
@@ -628,7 +635,7 @@ class TwigVLMForConditionalGeneration(TwigVLMPreTrainedModel, LlavaForConditiona
                     "step would prune anew. Generate with use_cache=True, or pass token_reduction='none'."
                 )
             return
-        model_kwargs["past_key_values"] = TwigVLMCache(self.config)
+        model_kwargs[CACHE_NAME] = TwigVLMCache(self.config)
 
 
 __all__ = ["TwigVLMForConditionalGeneration", "TwigVLMModel", "TwigVLMPreTrainedModel"]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from twigvlm import TwigVLMForConditionalGeneration
+from twigvlm import TwigVLMForConditionalGeneration, output_cache
 from twigvlm.benchmarks.models import llava_with_same_base
 
 from .questions import FAMILIES, is_correct
@@ -132,7 +132,7 @@ def answer_all(
         )
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         answers += processor.batch_decode(new_tokens, skip_special_tokens=True)
-        visual_tokens += mean_visual_tokens(output.past_key_values, num_layers, len(batch))
+        visual_tokens += mean_visual_tokens(output_cache(output), num_layers, len(batch))
     return answers, visual_tokens
 
 
@@ -235,7 +235,7 @@ def speculative_table(
             sequences[name] = output.sequences
             if name in same_as:
                 total["same"] += int(torch.equal(output.sequences, sequences[same_as[name]]))
-            stats = getattr(output.past_key_values, "speculation_stats", None)
+            stats = getattr(output_cache(output), "speculation_stats", None)
             if stats is not None:
                 total["drafted"] += stats.drafted_tokens
                 total["accepted"] += stats.accepted_tokens

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from twigvlm import output_cache
 from twigvlm.benchmarks import costs
 from twigvlm.benchmarks.cli import main
 from twigvlm.benchmarks.harness import BASELINE
@@ -141,8 +142,8 @@ def test_unperturbed_twig_drafts_the_full_models_greedy_prediction():
         set_twig_head_noise(model, 1.0)
         perturbed = model.generate(**inputs, speculative_decoding=True, return_dict_in_generate=True, **greedy)
     assert torch.equal(accepted.sequences, answer) and torch.equal(perturbed.sequences, answer)
-    assert accepted.past_key_values.speculation_stats.acceptance_rate == 1.0
-    assert perturbed.past_key_values.speculation_stats.acceptance_rate < 0.5
+    assert output_cache(accepted).speculation_stats.acceptance_rate == 1.0
+    assert output_cache(perturbed).speculation_stats.acceptance_rate < 0.5
 
 
 def test_llava_baseline_holds_the_same_tensors_and_answers_alike():

@@ -7,6 +7,7 @@ from PIL import Image
 
 from tiny_models import IMAGE_SIZE, tiny_twigvlm
 from tiny_processor import tiny_processor
+from twigvlm import output_cache
 from twigvlm.evaluation.prompting import chat_inputs
 from twigvlm.visualization import KeptPatches, draw_kept_patches, find_kept_patches, model_view, show_kept
 from twigvlm.visualization.kept_tokens import DIM, GAP, MARGIN, MERGE_TINT, PALETTE, TITLE_HEIGHT
@@ -74,7 +75,7 @@ def test_highlighted_patches_are_exactly_the_kept_ones(model_and_processor, tmp_
     # The kept indices, straight from the model: positions kept from layer K, counted from the first image token.
     inputs = chat_inputs(processor, [PROMPT], [[image]], model.device, model.dtype)
     with torch.inference_mode():
-        cache = model(**inputs, token_reduction="twig", num_kept_visual_tokens=5, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, token_reduction="twig", num_kept_visual_tokens=5, use_cache=True))
     first_image_position = int((inputs["input_ids"][0] == model.config.image_token_index).nonzero()[0])
     kept_positions = cache.kept_prompt_positions[model.config.twig_attach_layer][0]
     expected_kept = {p - first_image_position for p in kept_positions.tolist() if p >= first_image_position}

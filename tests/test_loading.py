@@ -6,6 +6,7 @@ from accelerate import infer_auto_device_map
 from transformers import AutoModelForImageTextToText
 
 from tiny_models import IMAGE_TOKEN_ID, pixel_values, prompt_ids, tiny_twigvlm
+from twigvlm import output_cache
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_from_pretrained_with_dtype_and_attention(checkpoint, dtype, attn_implem
         input_ids=ids, pixel_values=pixel_values().to(dtype), num_kept_visual_tokens=4, max_new_tokens=4,
         do_sample=False, return_dict_in_generate=True,
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     kept = cache.kept_prompt_positions[model.config.twig_attach_layer][0]
     assert int((ids[0, kept] == IMAGE_TOKEN_ID).sum()) == 4
     assert out.sequences.shape[1] == ids.shape[1] + 4

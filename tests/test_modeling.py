@@ -14,6 +14,7 @@ from tiny_models import (
     tiny_config,
     tiny_twigvlm,
 )
+from twigvlm import output_cache
 
 
 ATTENTION = ["eager", "sdpa"]
@@ -41,7 +42,7 @@ def test_text_only_prompt_runs_unpruned():
     ids = prompt_ids(image=False)
     out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, llava.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
-    assert all(count == 0 for _, _, count in out.past_key_values.visual_token_counts)
+    assert all(count == 0 for _, _, count in output_cache(out).visual_token_counts)
 
 
 def eager_twig_layers(model) -> list[LlamaDecoderLayer]:
@@ -163,7 +164,7 @@ def test_pruned_generation_equals_mask_reference(
     assert torch.equal(out.sequences, expected_tokens)
     assert (torch.cat(out.logits) - expected_logits).abs().max() < 1e-4
 
-    cache = out.past_key_values
+    cache = output_cache(out)
     kept_at_k = cache.kept_prompt_positions.get(twig_attach_layer, torch.arange(ids.shape[1])[None])
     kept_visual = kept_at_k[0][ids[0, kept_at_k[0]] == IMAGE_TOKEN_ID]
     assert torch.equal(kept_visual, expected_top)
@@ -183,7 +184,7 @@ def test_cache_lengths_after_generation(speculative):
         input_ids=ids, pixel_values=images, num_kept_visual_tokens=3, max_new_tokens=new_tokens, do_sample=False,
         return_dict_in_generate=True, speculative_decoding=speculative,
     )
-    cache, length = out.past_key_values, ids.shape[1] + new_tokens - 1  # the last token is never fed back
+    cache, length = output_cache(out), ids.shape[1] + new_tokens - 1  # the last token is never fed back
     expected = [length] * 2 + [length - NUM_IMAGE_TOKENS + 3] * 4 + [length - NUM_IMAGE_TOKENS] * 2
     assert [cache.get_seq_length(i) for i in range(8)] == expected
     # Plain decoding frees the twig after scoring; drafting keeps it in step with the base layers.
@@ -222,7 +223,7 @@ def test_budget_per_call_and_in_config():
 
     def counts(**kwargs):
         out = model(input_ids=ids, pixel_values=images, use_cache=True, **kwargs)
-        return [count for _, _, count in out.past_key_values.visual_token_counts]
+        return [count for _, _, count in output_cache(out).visual_token_counts]
 
     # L=8, K=2, F=6, M=16: R = ceil((8·3 − 2·16) / 4) < 0 → below the reachable minimum of K·M/L = 4.
     with pytest.raises(ValueError, match="below 4"):
@@ -299,7 +300,7 @@ def test_twig_forward_is_the_shallow_model(attn_implementation):
 
         cache = TwigVLMCache(model.config)
         split = ids.shape[1] - 3
-        first = model.twig_forward(input_ids=ids[:, :split], pixel_values=images, past_key_values=cache).logits
-        second = model.twig_forward(input_ids=ids[:, split:], past_key_values=cache).logits
+        first = model.twig_forward(input_ids=ids[:, :split], pixel_values=images, cache=cache).logits
+        second = model.twig_forward(input_ids=ids[:, split:], cache=cache).logits
         assert (torch.cat([first, second], dim=1) - expected).abs().max() < 1e-5
         assert [cache.get_seq_length(i) for i in (0, 1, 2, 8, 9)] == [ids.shape[1]] * 2 + [0] + [ids.shape[1]] * 2

@@ -45,9 +45,8 @@ def test_round_trip_in_a_process_without_the_package(tmp_path):
         "AutoModel": "modeling_twigvlm.TwigVLMModel",
         "AutoModelForImageTextToText": "modeling_twigvlm.TwigVLMForConditionalGeneration",
     }
-    assert {"modeling_twigvlm.py", "configuration_twigvlm.py", "cache_twigvlm.py", "pruning_twigvlm.py"} <= {
-        path.name for path in folder.iterdir()
-    }
+    remote_code = {"modeling_twigvlm.py", "configuration_twigvlm.py", "cache_twigvlm.py", "compat_twigvlm.py"}
+    assert remote_code | {"pruning_twigvlm.py", "generation_twigvlm.py"} <= {path.name for path in folder.iterdir()}
     assert (folder / "generation_config.json").is_file()
 
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}

@@ -6,6 +6,7 @@ import transformers.generation.utils as generation_utils
 from transformers.generation.streamers import BaseStreamer
 
 from tiny_models import pixel_values, prompt_ids, tiny_config, tiny_twigvlm, twig_copy_of_deep_layers
+from twigvlm import output_cache
 
 
 REGIMES = {
@@ -40,7 +41,7 @@ def test_acceptance_in_the_three_regimes():
     rates = {}
     for regime, build in REGIMES.items():
         _, speculative = generate_both(build("sdpa"), 24, token_reduction="none")
-        stats = speculative.past_key_values.speculation_stats
+        stats = output_cache(speculative).speculation_stats
         assert stats.rounds > 0 and stats.drafted_tokens >= stats.accepted_tokens
         rates[regime] = stats.acceptance_rate
     assert rates["random twig"] < 0.15
@@ -75,7 +76,7 @@ def test_each_token_runs_layers_below_k_once_and_the_twig_never_prefills_again()
         speculative_decoding=True, assistant_confidence_threshold=0.0, return_dict_in_generate=True,
         num_kept_visual_tokens=4,
     )
-    cache, stats = speculative.past_key_values, speculative.past_key_values.speculation_stats
+    cache, stats = output_cache(speculative), output_cache(speculative).speculation_stats
     rejected = stats.drafted_tokens - stats.accepted_tokens
     assert 0 < stats.accepted_tokens < stats.drafted_tokens  # some drafts were rolled back
     # Every token that was ever in the cache went through each of these layers exactly once.
@@ -172,7 +173,7 @@ def test_draft_length_follows_num_assistant_tokens_and_schedule(schedule, drafts
         speculative_decoding=True, num_assistant_tokens=3, num_assistant_tokens_schedule=schedule,
         assistant_confidence_threshold=0.0, return_dict_in_generate=True, token_reduction="none",
     )
-    stats = out.past_key_values.speculation_stats
+    stats = output_cache(out).speculation_stats
     if drafts_per_round is not None:  # 29 tokens after the prefill's: 7 rounds of 3 drafts + a bonus, then one plain
         assert (stats.rounds, stats.drafted_tokens, stats.accepted_tokens) == (7, 21, 21)
     else:  # full acceptance grows the draft by 2 each round: 3, 5, 7, ...

@@ -5,6 +5,7 @@ import io
 import torch
 
 from tiny_models import pixel_values, prompt_ids, twig_copy_of_deep_layers
+from twigvlm import output_cache
 from twigvlm.app.streamer import ACCEPTED_DRAFT_STYLE, RESET_STYLE, DraftMarkingStreamer
 
 
@@ -31,7 +32,7 @@ def test_streamed_text_is_the_answer_with_drafts_marked():
     unmarked = marked.getvalue().replace(ACCEPTED_DRAFT_STYLE, "").replace(RESET_STYLE, "")
     assert unmarked == answer + "\n"
     # Marked text is exactly what the accepted drafts contributed.
-    stats = model.generate(**kwargs, return_dict_in_generate=True).past_key_values.speculation_stats
+    stats = output_cache(model.generate(**kwargs, return_dict_in_generate=True)).speculation_stats
     marked_words = sum(
         part.split(RESET_STYLE)[0].count(" w") for part in marked.getvalue().split(ACCEPTED_DRAFT_STYLE)[1:]
     )

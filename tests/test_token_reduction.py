@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tiny_models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_CONFIG, llava_with_same_base, text_config, tiny_twigvlm
-from twigvlm import TwigVLMConfig
+from twigvlm import TwigVLMConfig, output_cache, output_image_features
 from twigvlm.configuration_twigvlm import TOKEN_REDUCTIONS
 from twigvlm.token_reduction_twigvlm import (
     TOKEN_REDUCTION_STRATEGIES,
@@ -279,9 +279,9 @@ def test_fastv_keeps_the_top_of_layer_k_minus_1_last_row():
 
     expected_logits, stages = reference_prefill(llava, full_prompt(llava, ids, pixels), {layer - 1: fastv})
     out = run_method(model, "fastv", ids, pixels)
-    assert kept_positions(out.past_key_values, layer) == stages[layer]
+    assert kept_positions(output_cache(out), layer) == stages[layer]
     assert_close(out.logits[0, -1], expected_logits)
-    assert out.past_key_values.visual_token_counts == [(0, 3, NUM_PATCHES), (3, 8, kept)]
+    assert output_cache(out).visual_token_counts == [(0, 3, NUM_PATCHES), (3, 8, kept)]
 
 
 def reference_dpc_merge(tokens: torch.Tensor, num_clusters: int):
@@ -334,7 +334,7 @@ def test_sparsevlm_matches_the_rater_rank_rule_and_recycling():
 
     expected_logits, stages = reference_prefill(llava, sequence, {layer: sparsevlm for layer in options["layers"]})
     out = run_method(model, "sparsevlm", ids, pixels)
-    cache = out.past_key_values
+    cache = output_cache(out)
     for layer in options["layers"]:
         assert kept_positions(cache, layer + 1) == stages[layer + 1]
     assert joined and len(stages[2]) < ids.shape[1]  # it pruned and recycled
@@ -376,14 +376,14 @@ def test_visionzip_dominant_and_contextual_tokens():
     model, llava = model_and_reference()
     ids, pixels = prompt(), images()
     out = run_method(model, "visionzip", ids, pixels)
-    settings = out.past_key_values.token_reduction_report.settings
+    settings = output_cache(out).token_reduction_report.settings
     assert (settings["dominant"], settings["contextual"]) == (8, 2)  # 10 in the 54:10 ratio
     with torch.no_grad():
         expected, dominant, sources, merged = visionzip_reference(llava, pixels, 8, 2)
         expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected, sources), {})
-    assert out.past_key_values.token_reduction_report.selected_patches[0].tolist() == dominant
-    assert image_records(out.past_key_values, ids) == (sources, merged)
-    assert_close(out.image_hidden_states, expected)
+    assert output_cache(out).token_reduction_report.selected_patches[0].tolist() == dominant
+    assert image_records(output_cache(out), ids) == (sources, merged)
+    assert_close(output_image_features(out), expected)
     assert_close(out.logits[0, -1], expected_logits)
 
 
@@ -397,9 +397,9 @@ def test_fastervlm_keeps_the_top_cls_attention_patches():
         top = sorted(sorted(range(NUM_PATCHES), key=lambda j: -float(scores[j]))[:9])
         expected = project(llava, inputs[FEATURE_LAYER + 1][0, 1:][top])
         expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected, top), {})
-    assert out.past_key_values.token_reduction_report.selected_patches[0].tolist() == top
-    assert image_records(out.past_key_values, ids) == (top, {})
-    assert_close(out.image_hidden_states, expected)
+    assert output_cache(out).token_reduction_report.selected_patches[0].tolist() == top
+    assert image_records(output_cache(out), ids) == (top, {})
+    assert_close(output_image_features(out), expected)
     assert_close(out.logits[0, -1], expected_logits)
 
 
@@ -447,10 +447,10 @@ def test_illava_merges_in_the_encoder_and_at_layer_k():
             llava, prompt_with_features(llava, ids, features, patch_of), {options["llm_layer"] - 1: llm_merge}
         )
     out = run_method(model, "illava", ids, pixels)
-    assert out.image_hidden_states.shape[0] == NUM_PATCHES - 2 * 4
-    assert image_records(out.past_key_values, ids) == (patch_of, joined)
-    assert_close(out.image_hidden_states, features)
-    assert kept_positions(out.past_key_values, options["llm_layer"]) == stages[options["llm_layer"]]
+    assert output_image_features(out).shape[0] == NUM_PATCHES - 2 * 4
+    assert image_records(output_cache(out), ids) == (patch_of, joined)
+    assert_close(output_image_features(out), features)
+    assert kept_positions(output_cache(out), options["llm_layer"]) == stages[options["llm_layer"]]
     assert_close(out.logits[0, -1], expected_logits)
 
 
@@ -522,10 +522,10 @@ def test_mustdrop_window_merge_key_set_dual_filter_and_cache_trim():
             token_reduction_options=options,
             use_cache=True,
         )
-    assert out.image_hidden_states.shape[0] < NUM_PATCHES and dropped_any  # windows merged and tokens dropped
-    assert_close(out.image_hidden_states, features)
+    assert output_image_features(out).shape[0] < NUM_PATCHES and dropped_any  # windows merged and tokens dropped
+    assert_close(output_image_features(out), features)
     assert_close(out.logits[0, -1], expected_logits)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert image_records(cache, ids) == (sources, joined)
     # After the prefill, layers from the first pruning layer on all hold the final set (the KV trim).
     final = stages[options["layers"][-1] + 1]
@@ -542,17 +542,17 @@ def test_random_and_pooling_at_the_vision_output():
         patches = project(llava, eager_vision(llava, pixels)[0][FEATURE_LAYER + 1][0, 1:])
     out = run_method(model, "random", ids, pixels)
     chosen = torch.randperm(NUM_PATCHES, generator=torch.Generator().manual_seed(3))[:8].sort().values
-    assert torch.equal(out.past_key_values.token_reduction_report.selected_patches[0], chosen)
-    assert image_records(out.past_key_values, ids) == (chosen.tolist(), {})
-    assert_close(out.image_hidden_states, patches[chosen])
+    assert torch.equal(output_cache(out).token_reduction_report.selected_patches[0], chosen)
+    assert image_records(output_cache(out), ids) == (chosen.tolist(), {})
+    assert_close(output_image_features(out), patches[chosen])
 
     out = run_method(model, "pooling", ids, pixels)  # 6 tokens: a 2 x 3 grid of 3 x 2 windows
     grid = patches.view(GRID, GRID, -1)
     expected = torch.stack([grid[r : r + 3, c : c + 2].mean(dim=(0, 1)) for r in (0, 3) for c in (0, 2, 4)])
-    assert_close(out.image_hidden_states, expected)
+    assert_close(output_image_features(out), expected)
     sources = [r * GRID + c for r in (0, 3) for c in (0, 2, 4)]  # each window's first patch
     joined = {r * GRID + c: (r // 3 * 3) * GRID + c // 2 * 2 for r in range(GRID) for c in range(GRID)}
-    assert image_records(out.past_key_values, ids) == (sources, {p: t for p, t in joined.items() if p != t})
+    assert image_records(output_cache(out), ids) == (sources, {p: t for p, t in joined.items() if p != t})
     with torch.no_grad():
         expected_logits, _ = reference_prefill(llava, prompt_with_features(llava, ids, expected, sources), {})
     assert_close(out.logits[0, -1], expected_logits)
@@ -567,7 +567,7 @@ def test_vision_side_generation_is_llava_on_the_reduced_prompt(name):
         input_ids=ids, pixel_values=pixels, token_reduction=name, max_new_tokens=5, do_sample=False,
         speculative_decoding=False, return_dict_in_generate=True, **OPTIONS[name],
     )
-    features = model(input_ids=ids, pixel_values=pixels, token_reduction=name, **OPTIONS[name]).image_hidden_states
+    features = output_image_features(model(input_ids=ids, pixel_values=pixels, token_reduction=name, **OPTIONS[name]))
     with torch.no_grad():
         embeddings = prompt_with_features(llava, ids, features).hidden
     expected = llava.generate(inputs_embeds=embeddings, max_new_tokens=5, do_sample=False)
@@ -635,7 +635,7 @@ def test_reported_counts_follow_the_plan():
     model, _ = model_and_reference()
     ids, pixels = prompt(), images()
     for name in ("twig", "fastv", "visionzip", "fastervlm", "illava", "random", "pooling", "none"):
-        report = run_method(model, name, ids, pixels).past_key_values.token_reduction_report
+        report = output_cache(run_method(model, name, ids, pixels)).token_reduction_report
         strategy = build_token_reduction(
             model.config,
             name,
@@ -689,7 +689,7 @@ def test_sdpa_and_eager_keep_the_same_tokens(name):
     for attn_implementation in ("eager", "sdpa"):
         model, _ = model_and_reference(attn_implementation)
         out = run_method(model, name, ids, pixels)
-        results.append((kept_record(out.past_key_values), out.logits[0, -1]))
+        results.append((kept_record(output_cache(out)), out.logits[0, -1]))
     assert results[0][0] == results[1][0]
     assert_close(results[0][1], results[1][1])
 
@@ -719,13 +719,13 @@ def test_batch_generation_equals_single_runs(name):
         return_dict_in_generate=True, **OPTIONS[name],
     )
     batched = model.generate(input_ids=batch, attention_mask=attention_mask, pixel_values=pixels, **kwargs)
-    cache = batched.past_key_values
+    cache = output_cache(batched)
     assert [cache.get_seq_length(i) for i in range(8)] == expected_cache_lengths(cache, width, 4)
     report = cache.token_reduction_report
     for row, ids in enumerate(prompts):
         single = model.generate(input_ids=ids, pixel_values=pixels[row : row + 1], **kwargs)
         assert torch.equal(batched.sequences[row, width:], single.sequences[0, ids.shape[1] :]), row
-        single_cache = single.past_key_values
+        single_cache = output_cache(single)
         assert [single_cache.get_seq_length(i) for i in range(8)] == expected_cache_lengths(
             single_cache, ids.shape[1], 4
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from twigvlm import output_cache
 from twigvlm.token_reduction_twigvlm import supported_token_reductions
 
 from twigvlm.evaluation.prompting import chat_inputs
@@ -93,7 +94,7 @@ def find_kept_patches(
         raise ValueError(f"{len(image_positions)} image tokens do not form a square patch grid.")
     patch_of = {position: patch for patch, position in enumerate(image_positions)}
 
-    cache = output.past_key_values
+    cache = output_cache(output)
     kept_positions = getattr(cache, "kept_prompt_positions", {})
     if not kept_positions:  # nothing pruned
         return KeptPatches(method, grid_size, list(range(len(image_positions))))
