@@ -91,6 +91,20 @@ def fixed_subset_accuracy(model, processor, folder: Path, seed: int, image_size:
     return family_accuracy(items, answers)["all"]
 
 
+def short_question_accuracy(
+    model, processor, folder: Path, seed: int, image_size: int, split: str, scenes: int = 40
+) -> float:
+    """
+    Unpruned accuracy on the four short families of the split's first scenes: whether the model reads pictures it was
+    trained on (train) as well as new ones (validation) and ones with held-out pairs (test).
+    """
+    write_split(folder, seed, split, scenes, image_size)
+    processor.tokenizer.padding_side = "left"
+    items = [item for item in load_items(folder, split, None) if item["family"] != "describe"]
+    answers, _ = answer_all(model, processor, items, folder, {"token_reduction": "none"}, batch_size=scenes)
+    return family_accuracy(items, answers)["all"]
+
+
 def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, speed_prompts: int, max_steps: int) -> dict:
     """Every stage in order; a stage whose output exists is not run again (delete it to redo it)."""
     output.mkdir(parents=True, exist_ok=True)
@@ -146,6 +160,11 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
     tables = {"recipe": recipe.name, "seed": seed, "threads": torch.get_num_threads()}
     tables["fixed_subset_accuracy"] = fixed_subset_accuracy(model, processor, output / "subset", seed, recipe.image_size)
     print(f"fixed test subset (first 20 test scenes, 100 questions): {tables['fixed_subset_accuracy']:.1f} %")
+    tables["short_question_accuracy_by_split"] = {
+        split: short_question_accuracy(model, processor, output / "by_split", seed, recipe.image_size, split)
+        for split in ("train", "validation", "test")
+    }
+    print(f"short questions, first 40 scenes of each split: {tables['short_question_accuracy_by_split']}")
     tables["accuracy"] = accuracy_table(model, processor, data_dir, per_family=eval_per_family)
     if speed_prompts:
         tables["speculative"] = speculative_table(model, processor, data_dir, num_prompts=speed_prompts)
