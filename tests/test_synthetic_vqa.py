@@ -142,5 +142,6 @@ def test_recipe_runs_end_to_end_on_the_tiny_recipe(tmp_path):
     assert all(row["answers_equal"] == 1 for row in speculative.values() if row["greedy_equal_to"] is not None)
     assert speculative["SSD alone"]["acceptance_rate"] is not None
     assert 0 <= tables["fixed_subset_accuracy"] <= 100
+    assert set(tables["short_question_accuracy_by_split"]) == {"train", "validation", "test"}
     assert set(tables["stage_seconds"]) == {"data", "base", "base_continued", "twig", "checkpoint"}
     assert "## Accuracy under token reduction" in (tmp_path / "tables.md").read_text()
