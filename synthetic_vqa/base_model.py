@@ -10,20 +10,6 @@ from twigvlm.training.data import LlavaConversationDataset, TwigDataCollator
 
 
 @dataclass(frozen=True)
-class BasePhase:
-    """One stage of the base's end-to-end training, on scenes of its own; each phase continues from the last."""
-
-    name: str  # the stage, and the folder of its model
-    records: str  # the stem of its data files
-    scenes: int
-    epochs: float
-    learning_rate: float
-    batch_size: int
-    describe_last: bool  # the description as the last turn, or at any turn (it is asked first at evaluation)
-    short_rounds: int = 1  # questions of each short family per conversation
-
-
-@dataclass(frozen=True)
 class Recipe:
     """Sizes and training settings. K, T and F keep the paper's proportions at this depth (K/L ≤ 1/9, F/L = 3/4)."""
 
@@ -39,67 +25,40 @@ class Recipe:
     twig_attach_layer: int
     num_twig_layers: int
     final_wipe_layer: int
-    base_phases: tuple[BasePhase, ...]
-    twig_phase: str  # the base phase whose data trains the twig
+    train_scenes: int  # first phase: the short questions in random order, the description last
+    base_epochs: float
+    base_learning_rate: float
+    continued_scenes: int  # second phase, on further scenes: the description at any turn, as often asked first
+    continued_learning_rate: float
     twig_epochs: float
     twig_learning_rate: float
-    batch_size: int  # the twig's
+    batch_size: int
 
     @property
     def num_image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
-def three_phases(
-    scenes: tuple[int, int, int],
-    learning_rates: tuple[float, float, float],
-    batch_sizes: tuple[int, int, int],
-    first_epochs: float = 1.0,
-) -> tuple[BasePhase, ...]:
-    """
-    The four short questions in random order and the description last; then the description at any turn; then three
-    questions of each short family before the description, so that reading the picture weighs more in the loss.
-    """
-    return (
-        BasePhase("base", "train", scenes[0], first_epochs, learning_rates[0], batch_sizes[0], describe_last=True),
-        BasePhase(
-            "base_continued", "train_continued", scenes[1], 1.0, learning_rates[1], batch_sizes[1], describe_last=False
-        ),
-        BasePhase(
-            "base_questions",
-            "train_questions",
-            scenes[2],
-            1.0,
-            learning_rates[2],
-            batch_sizes[2],
-            describe_last=True,
-            short_rounds=3,
-        ),
-    )
-
-
 RECIPES = {
     # 144 image tokens; a few hours of two CPU cores in all, most of it the base model.
     "cpu": Recipe(
         "cpu", image_size=96, patch_size=8, vision_hidden=128, vision_layers=4, text_hidden=192, text_intermediate=512,
-        text_layers=12, text_heads=6, twig_attach_layer=1, num_twig_layers=2, final_wipe_layer=9,
-        base_phases=three_phases((20000, 8000, 16000), (1e-3, 5e-4, 5e-4), (16, 16, 8)), twig_phase="base_continued",
-        twig_epochs=0.5, twig_learning_rate=1e-3, batch_size=16,
+        text_layers=12, text_heads=6, twig_attach_layer=1, num_twig_layers=2, final_wipe_layer=9, train_scenes=20000,
+        base_epochs=1.0, base_learning_rate=1e-3, continued_scenes=8000, continued_learning_rate=5e-4, twig_epochs=0.5, twig_learning_rate=1e-3, batch_size=16,
     ),
     # Seconds: only for checking that every stage runs (the suite runs it); it learns little.
     "tiny": Recipe(
         "tiny", image_size=48, patch_size=8, vision_hidden=32, vision_layers=3, text_hidden=32, text_intermediate=64,
-        text_layers=12, text_heads=2, twig_attach_layer=1, num_twig_layers=2, final_wipe_layer=9,
-        base_phases=three_phases((16, 8, 8), (1e-3, 5e-4, 5e-4), (8, 8, 8)), twig_phase="base_continued",
-        twig_epochs=1.0, twig_learning_rate=1e-3, batch_size=8,
+        text_layers=12, text_heads=2, twig_attach_layer=1, num_twig_layers=2, final_wipe_layer=9, train_scenes=16,
+        base_epochs=1.0, base_learning_rate=1e-3, continued_scenes=8, continued_learning_rate=5e-4, twig_epochs=1.0, twig_learning_rate=1e-3, batch_size=8,
     ),
     # LLaVA-1.5's 336-pixel, 576-token images; minutes on one H100.
     "gpu": Recipe(
         "gpu", image_size=336, patch_size=14, vision_hidden=256, vision_layers=6, text_hidden=384,
         text_intermediate=1024, text_layers=12, text_heads=6, twig_attach_layer=1, num_twig_layers=2,
-        final_wipe_layer=9,
-        base_phases=three_phases((60000, 20000, 20000), (6e-4, 3e-4, 3e-4), (64, 64, 64), first_epochs=2.0),
-        twig_phase="base_continued", twig_epochs=1.0, twig_learning_rate=6e-4, batch_size=64,
+        final_wipe_layer=9, train_scenes=60000, base_epochs=2.0, base_learning_rate=6e-4, continued_scenes=20000,
+        continued_learning_rate=3e-4, twig_epochs=1.0,
+        twig_learning_rate=6e-4, batch_size=64,
     ),
 }  # fmt: skip
 
@@ -141,18 +100,18 @@ def base_config(recipe: Recipe, processor: LlavaProcessor) -> LlavaConfig:
 
 def train_base(
     recipe: Recipe,
-    phase: BasePhase,
     processor: LlavaProcessor,
     records: str | os.PathLike,
     image_folder: str | os.PathLike,
     output_dir: str | os.PathLike,
+    learning_rate: float,
     start_from: str | os.PathLike | None = None,
     max_steps: int = -1,
     seed: int = 0,
 ) -> LlavaForConditionalGeneration:
     """
-    Trains the whole LLaVA (vision tower included), from scratch or from the checkpoint `start_from`, for the phase's
-    epochs of `records` with a cosine schedule; saves it with `processor`.
+    Trains the whole LLaVA (vision tower included), from scratch or from the checkpoint `start_from`, one epoch of
+    `records` with a cosine schedule; saves it with `processor`.
     """
     torch.manual_seed(seed)
     if start_from is None:
@@ -162,10 +121,10 @@ def train_base(
     dataset = LlavaConversationDataset(records, processor, image_folder=image_folder)
     arguments = TrainingArguments(
         output_dir=os.fspath(output_dir),
-        per_device_train_batch_size=phase.batch_size,
-        num_train_epochs=phase.epochs,
+        per_device_train_batch_size=recipe.batch_size,
+        num_train_epochs=recipe.base_epochs,
         max_steps=max_steps,
-        learning_rate=phase.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.05,

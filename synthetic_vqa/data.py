@@ -10,13 +10,13 @@ from .scenes import render, sample_scene, scene_rng
 
 
 def scene_record(
-    seed: int, split: str, index: int, image_size: int, describe_last: bool = True, short_rounds: int = 1
+    seed: int, split: str, index: int, image_size: int, describe_last: bool = True
 ) -> tuple[dict, list[Question]]:
     """The scene's conversation record (every question, one turn each) and its questions."""
     scene = sample_scene(seed, split, index)
     rng = scene_rng(seed, split, index)
     rng.random()  # the question draws follow the scene's own
-    questions = scene_questions(scene, split, rng, describe_last, short_rounds)
+    questions = scene_questions(scene, split, rng, describe_last)
     turns = []
     for i, question in enumerate(questions):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question.question})
@@ -34,7 +34,6 @@ def write_split(
     first_scene: int = 0,
     name: str | None = None,
     describe_last: bool = True,
-    short_rounds: int = 1,
 ) -> Path:
     """
     Writes scenes `first_scene`.. of `split` as `folder/{split}/*.png`, `folder/{name}.json` (multi-turn LLaVA records,
@@ -45,7 +44,7 @@ def write_split(
     (folder / split).mkdir(parents=True, exist_ok=True)
     records, items = [], []
     for index in range(first_scene, first_scene + num_scenes):
-        record, questions = scene_record(seed, split, index, image_size, describe_last, short_rounds)
+        record, questions = scene_record(seed, split, index, image_size, describe_last)
         render(sample_scene(seed, split, index), image_size).save(folder / record["image"])
         records.append(record)
         items += [{"image": record["image"], **asdict(question)} for question in questions]

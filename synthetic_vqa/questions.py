@@ -101,21 +101,14 @@ def describe_question(scene: Scene) -> Question:
     return Question("describe", "describe the image.", describe(scene))
 
 
-def scene_questions(
-    scene: Scene, split: str, rng: random.Random, describe_last: bool = True, short_rounds: int = 1
-) -> list[Question]:
-    """
-    `short_rounds` questions of each short family in random order (one each by default), then the description, last
-    or at any turn.
-    """
-    questions = []
-    for _ in range(short_rounds):
-        questions += [
-            attribute_question(scene, rng),
-            counting_question(scene, rng),
-            existence_question(scene, split, rng),
-            spatial_question(scene, rng),
-        ]
+def scene_questions(scene: Scene, split: str, rng: random.Random, describe_last: bool = True) -> list[Question]:
+    """One question of each family, the four short ones in random order, the description last or anywhere."""
+    questions = [
+        attribute_question(scene, rng),
+        counting_question(scene, rng),
+        existence_question(scene, split, rng),
+        spatial_question(scene, rng),
+    ]
     rng.shuffle(questions)
     questions.insert(len(questions) if describe_last else rng.randrange(len(questions) + 1), describe_question(scene))
     return questions

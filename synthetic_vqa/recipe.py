@@ -9,6 +9,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -105,17 +106,15 @@ def short_question_accuracy(
 
 
 def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, speed_prompts: int, max_steps: int) -> dict:
-    """
-    Every stage in order; a stage whose output exists is not run again (delete it to redo it), nor a base phase that a
-    later one's output continues.
-    """
+    """Every stage in order; a stage whose output exists is not run again (delete it to redo it)."""
     output.mkdir(parents=True, exist_ok=True)
     timings = {}
-    data_dir, twig_dir, model_dir = output / "data", output / "twig", output / "model"
+    data_dir, base_dir, twig_dir, model_dir = output / "data", output / "base", output / "twig", output / "model"
+    continued_dir = output / "base_continued"
 
-    def stage(name: str, done: bool, work, skipped: str = "already done") -> None:
+    def stage(name: str, done: bool, work) -> None:
         if done:
-            print(f"[{name}] {skipped}")
+            print(f"[{name}] already done")
             return
         print(f"[{name}] ...", flush=True)
         start = time.perf_counter()
@@ -129,32 +128,31 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
         (data_dir / "test.json").exists(),
         lambda: write_all_data(recipe, data_dir, seed),
     )
-    # Each base phase continues from the last; those before the last one done are not needed again.
-    phase_dirs = [output / phase.name for phase in recipe.base_phases]
-    last_done = max((i for i, folder in enumerate(phase_dirs) if (folder / "config.json").exists()), default=-1)
-    previous_dir = None
-    for index, (phase, phase_dir) in enumerate(zip(recipe.base_phases, phase_dirs)):
-        stage(
-            phase.name,
-            index <= last_done,
-            lambda: train_base(
-                recipe,
-                phase,
-                processor,
-                data_dir / f"{phase.records}.json",
-                data_dir,
-                phase_dir,
-                start_from=previous_dir,
-                max_steps=max_steps,
-            ),
-            skipped="already done" if index == last_done else f"not needed: {phase_dirs[last_done].name} continues it",
-        )
-        previous_dir = phase_dir
-    twig_records = next(phase.records for phase in recipe.base_phases if phase.name == recipe.twig_phase)
+    stage(
+        "base",
+        (base_dir / "config.json").exists(),
+        lambda: train_base(
+            recipe, processor, data_dir / "train.json", data_dir, base_dir, recipe.base_learning_rate, None, max_steps
+        ),
+    )
+    stage(
+        "base_continued",
+        (continued_dir / "config.json").exists(),
+        lambda: train_base(
+            recipe,
+            processor,
+            data_dir / "train_continued.json",
+            data_dir,
+            continued_dir,
+            recipe.continued_learning_rate,
+            base_dir,
+            max_steps,
+        ),
+    )
     stage(
         "twig",
         (twig_dir / "twigvlm" / "config.json").exists(),
-        lambda: train_twig(recipe, previous_dir, data_dir / f"{twig_records}.json", data_dir, twig_dir, max_steps),
+        lambda: train_twig(recipe, continued_dir, data_dir / "train_continued.json", data_dir, twig_dir, max_steps),
     )
     stage("checkpoint", (model_dir / "config.json").exists(), lambda: finish_checkpoint(twig_dir / "twigvlm", model_dir, recipe))
     model = TwigVLMForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -179,24 +177,20 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
 
 
 def write_all_data(recipe: Recipe, data_dir: Path, seed: int) -> None:
-    """The training scenes of every base phase (each its own), validation and test; images are written once per scene."""
-    first_scene = 0
-    for phase in recipe.base_phases:
-        write_split(
-            data_dir,
-            seed,
-            "train",
-            phase.scenes,
-            recipe.image_size,
-            first_scene=first_scene,
-            name=phase.records,
-            describe_last=phase.describe_last,
-            short_rounds=phase.short_rounds,
-        )
-        first_scene += phase.scenes
-    first_phase_scenes = recipe.base_phases[0].scenes
-    write_split(data_dir, seed, "validation", max(20, first_phase_scenes // 50), recipe.image_size)
-    write_split(data_dir, seed, "test", max(10, first_phase_scenes // 40), recipe.image_size)
+    """The training scenes of both base phases, validation and test; images are written once per scene."""
+    write_split(data_dir, seed, "train", recipe.train_scenes, recipe.image_size)
+    write_split(
+        data_dir,
+        seed,
+        "train",
+        recipe.continued_scenes,
+        recipe.image_size,
+        first_scene=recipe.train_scenes,
+        name="train_continued",
+        describe_last=False,
+    )
+    write_split(data_dir, seed, "validation", max(20, recipe.train_scenes // 50), recipe.image_size)
+    write_split(data_dir, seed, "test", max(10, recipe.train_scenes // 40), recipe.image_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", choices=list(RECIPES), default="cpu")
     parser.add_argument("--output", type=Path, required=True, help="Folder for the data, models and tables.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-scenes", type=int, help="Training scenes (default: the recipe's).")
     parser.add_argument("--eval-per-family", type=int, help="Test questions per family (default: all).")
     parser.add_argument("--speed-prompts", type=int, default=20, help="Long-answer prompts timed (0: no speed table).")
     parser.add_argument("--max-steps", type=int, default=-1, help="Stop each training after this many steps.")
@@ -218,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = RECIPES[args.recipe]
+    if args.train_scenes:
+        recipe = replace(recipe, train_scenes=args.train_scenes)
     run(recipe, args.output, args.seed, args.eval_per_family, args.speed_prompts, args.max_steps)
     if args.ship:
         ship(args.output / "model")
