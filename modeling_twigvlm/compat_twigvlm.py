@@ -24,12 +24,16 @@ def output_cache(output: ModelOutput) -> Cache | None:
     return getattr(output, CACHE_NAME)
 
 
-def image_output_fields(image_outputs: BaseModelOutputWithPooling | None) -> dict:
-    """LLaVA's output field for the image features that entered the language model, as this transformers names it."""
+def image_output_fields(
+    image_outputs: BaseModelOutputWithPooling | None, image_features: torch.Tensor | None
+) -> dict:
+    """
+    LLaVA's output field for the images that entered the language model, as this transformers names it: their vision
+    outputs, or before 5.24 their features concatenated (`image_features`, `[tokens, hidden]`).
+    """
     if IMAGE_OUTPUTS_FIELD == "image_outputs":
         return {"image_outputs": image_outputs}
-    features = None if image_outputs is None else torch.cat(list(image_outputs.pooler_output), dim=0)
-    return {"image_hidden_states": features}
+    return {"image_hidden_states": image_features}
 
 
 def output_image_features(output: ModelOutput) -> torch.Tensor | None:

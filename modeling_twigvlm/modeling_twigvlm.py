@@ -124,8 +124,11 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         pixel_values: torch.Tensor | None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
         **image_kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, BaseModelOutputWithPooling | None]:
-        """Token embeddings with the projected image features in place; also the image-token mask and the images' outputs."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, BaseModelOutputWithPooling | None, torch.Tensor | None]:
+        """
+        Token embeddings with the projected image features in place; also the image-token mask, the images' outputs
+        and their features concatenated.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -137,13 +140,13 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
         if image_outputs is None:
-            return inputs_embeds, None, None
+            return inputs_embeds, None, None, None
 
         image_features = torch.cat(list(image_outputs.pooler_output), dim=0)
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
         inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
-        return inputs_embeds, special_image_mask[..., 0], image_outputs
+        return inputs_embeds, special_image_mask[..., 0], image_outputs, image_features
 
     def forward(
         self,
@@ -225,7 +228,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
             input_ids, inputs_embeds, pixel_values, mm_encoder_outputs = run.reduce_images(
                 input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
             )
-        inputs_embeds, image_token_mask, image_outputs = self.embed_inputs(
+        inputs_embeds, image_token_mask, image_outputs, image_features = self.embed_inputs(
             input_ids,
             inputs_embeds,
             pixel_values,
@@ -271,7 +274,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         return LlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
             **{CACHE_NAME: cache if use_cache else None},
-            **image_output_fields(image_outputs),
+            **image_output_fields(image_outputs, image_features),
         )
 
     def run_layer_group(
@@ -342,7 +345,7 @@ class TwigVLMModel(TwigVLMPreTrainedModel, LlavaModel):
         self-speculative drafting shares the verifier's cache; without one it is the training forward. Base layers
         K..L-1 never run.
         """
-        inputs_embeds, _, _ = self.embed_inputs(
+        inputs_embeds, *_ = self.embed_inputs(
             input_ids,
             inputs_embeds,
             pixel_values,

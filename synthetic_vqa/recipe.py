@@ -21,6 +21,7 @@ from twigvlm.training.cli import main as train_twig_main
 
 from .base_model import RECIPES, Recipe, train_base
 from .data import write_split
+from .questions import FAMILIES
 from .tables import (
     PAPER_BUDGETS,
     accuracy_table,
@@ -31,6 +32,10 @@ from .tables import (
     write_tables,
 )
 from .tokenizer import build_task_processor
+
+
+# The families whose answers are a word or two: how well the model reads the picture, without the long description.
+SHORT_FAMILIES = tuple(family for family in FAMILIES if family != "describe")
 
 
 def train_twig(
@@ -82,26 +87,25 @@ def finish_checkpoint(trained_dir: Path, output_dir: Path, recipe: Recipe) -> No
     staging.rename(output_dir)
 
 
-def fixed_subset_accuracy(model, processor, folder: Path, seed: int, image_size: int, scenes: int = 20) -> float:
-    """Accuracy with the checkpoint's own settings on the first test scenes: the figure the suite guards."""
-    write_split(folder, seed, "test", scenes, image_size)
-    processor.tokenizer.padding_side = "left"
-    items = load_items(folder, "test", None)
-    answers, _ = answer_all(model, processor, items, folder, {}, batch_size=scenes)
-    return family_accuracy(items, answers)["all"]
-
-
-def short_question_accuracy(
-    model, processor, folder: Path, seed: int, image_size: int, split: str, scenes: int = 40
+def subset_accuracy(
+    model,
+    processor,
+    folder: Path,
+    seed: int,
+    image_size: int,
+    split: str = "test",
+    scenes: int = 20,
+    families: tuple[str, ...] = FAMILIES,
+    settings: dict | None = None,
 ) -> float:
     """
-    Unpruned accuracy on the four short families of the split's first scenes: whether the model reads pictures it was
-    trained on (train) as well as new ones (validation) and ones with held-out pairs (test).
+    Accuracy on the split's first scenes, the questions of `families`, with `settings` for `generate` (by default the
+    checkpoint's own: on the first 20 test scenes, the figure the suite guards).
     """
     write_split(folder, seed, split, scenes, image_size)
     processor.tokenizer.padding_side = "left"
-    items = [item for item in load_items(folder, split, None) if item["family"] != "describe"]
-    answers, _ = answer_all(model, processor, items, folder, {"token_reduction": "none"}, batch_size=scenes)
+    items = [item for item in load_items(folder, split, None) if item["family"] in families]
+    answers, _ = answer_all(model, processor, items, folder, settings or {}, batch_size=scenes)
     return family_accuracy(items, answers)["all"]
 
 
@@ -158,10 +162,20 @@ def run(recipe: Recipe, output: Path, seed: int, eval_per_family: int | None, sp
     model = TwigVLMForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     tables = {"recipe": recipe.name, "seed": seed, "threads": torch.get_num_threads()}
-    tables["fixed_subset_accuracy"] = fixed_subset_accuracy(model, processor, output / "subset", seed, recipe.image_size)
+    tables["fixed_subset_accuracy"] = subset_accuracy(model, processor, output / "subset", seed, recipe.image_size)
     print(f"fixed test subset (first 20 test scenes, 100 questions): {tables['fixed_subset_accuracy']:.1f} %")
     tables["short_question_accuracy_by_split"] = {
-        split: short_question_accuracy(model, processor, output / "by_split", seed, recipe.image_size, split)
+        split: subset_accuracy(
+            model,
+            processor,
+            output / "by_split",
+            seed,
+            recipe.image_size,
+            split,
+            scenes=40,
+            families=SHORT_FAMILIES,
+            settings={"token_reduction": "none"},
+        )
         for split in ("train", "validation", "test")
     }
     print(f"short questions, first 40 scenes of each split: {tables['short_question_accuracy_by_split']}")

@@ -66,7 +66,7 @@ class TwigVLMForTwigTraining(TwigVLMForConditionalGeneration):
         **kwargs,
     ) -> TwigTrainingOutput:
         with torch.no_grad():  # the frozen vision tower and projector keep no activations
-            inputs_embeds, _, _ = self.model.embed_inputs(input_ids, None, pixel_values, None)
+            inputs_embeds, *_ = self.model.embed_inputs(input_ids, None, pixel_values, None)
         twig_hidden = self.model.twig_forward(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask
         ).last_hidden_state
